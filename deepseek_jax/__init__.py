@@ -1,0 +1,24 @@
+"""deepseek-jax: DeepSeek-V2/V3/R1 techniques in JAX + Flax NNX, each switchable for ablation.
+
+    import deepseek_jax as dsj
+    cfg = dsj.ModelConfig.preset("tiny")              # or "small", "deepseek-v3", ...
+    model = dsj.create_model(cfg, seed=0)
+    out = dsj.forward(model, tokens)                  # logits [B, T, V], MoE stats, ...
+    gen = dsj.generate(model, [[1, 2, 3]], max_new_tokens=16)
+"""
+
+from deepseek_jax import analytics
+from deepseek_jax.config import PRESETS, ModelConfig, list_presets
+from deepseek_jax.inference.generate import GenerateOutput, SamplingConfig, generate
+from deepseek_jax.model.transformer import (DeepSeekModel, ModelOutput, abstract_model,
+                                            create_model, forward, init_cache,
+                                            router_bias_update)
+from deepseek_jax.train.loss import loss_fn
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DeepSeekModel", "GenerateOutput", "ModelConfig", "ModelOutput", "PRESETS",
+    "SamplingConfig", "abstract_model", "analytics", "create_model", "forward", "generate",
+    "init_cache", "list_presets", "loss_fn", "router_bias_update",
+]

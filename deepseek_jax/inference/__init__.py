@@ -1,0 +1,1 @@
+"""Inference: generate() with prefill + compiled decode over the latent cache."""

@@ -1,0 +1,149 @@
+"""Autoregressive generation over the latent cache: prefill + a compiled decode loop.
+
+Axis legend: B batch, P padded prompt length, N max new tokens, V vocab.
+
+``generate`` pads the prompts on the right to a length bucket and runs one jitted program:
+prefill writes every prompt into the cache (slot j = position j), then a ``lax.while_loop``
+decodes one token per row per step, each row at its own position ``length_b + i``. Rows of
+different prompt lengths therefore share a batch with no left-padding tricks: a row's stale
+slots (its padding) are overwritten before any query of that row can reach them. The loop body
+is traced once, so decoding never retraces per token; the loop stops early once every row has
+emitted a stop token.
+
+MLA models decode with the absorbed path over a ``LatentCache`` by default
+(``cache_kind="latent"``); ``cache_kind="expanded"`` keeps per-head K/V instead (MHA/GQA, or
+the expanded-cache baseline of the benchmark).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deepseek_jax.model.transformer import init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """temperature 0 = greedy; top_k 0 = off; top_p 1 = off."""
+
+  temperature: float = 0.0
+  top_p: float = 1.0
+  top_k: int = 0
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"SamplingConfig.top_p must lie in (0, 1], got {self.top_p}")
+    if self.top_k < 0:
+      raise ValueError(f"SamplingConfig.top_k must be >= 0, got {self.top_k}")
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.Array:
+  """Next tokens [B] from logits [B, V] (float32): greedy, temperature, top-k, nucleus."""
+  logits = logits.astype(jnp.float32)
+  if sampling.temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / sampling.temperature
+  if sampling.top_k:
+    kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if sampling.top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # the top token always survives
+    cutoff = jnp.min(jnp.where(mass_before < sampling.top_p, sorted_logits, jnp.inf), axis=-1,
+                     keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+class GenerateOutput(NamedTuple):
+  tokens: jax.Array  # [B, N] generated tokens (stop token included), pad_id afterwards
+  lengths: jax.Array  # [B] number of generated tokens per row
+
+
+def _pad_prompts(prompts, pad_id: int, bucket: int):
+  if isinstance(prompts, tuple) and len(prompts) == 2 and hasattr(prompts[0], "shape"):
+    tokens, lengths = (np.asarray(a) for a in prompts)
+  else:
+    prompts = [list(p) for p in prompts]
+    if not prompts or any(len(p) == 0 for p in prompts):
+      raise ValueError("generate needs at least one prompt and every prompt needs >= 1 token")
+    lengths = np.array([len(p) for p in prompts])
+    tokens = np.full((len(prompts), int(lengths.max())), pad_id, np.int32)
+    for row, p in enumerate(prompts):
+      tokens[row, :len(p)] = p
+  if lengths.min() < 1 or lengths.max() > tokens.shape[1]:
+    raise ValueError(f"prompt lengths must lie in [1, {tokens.shape[1]}], got {lengths.tolist()}")
+  padded = -(-tokens.shape[1] // bucket) * bucket
+  tokens = np.pad(tokens, ((0, 0), (0, padded - tokens.shape[1])), constant_values=pad_id)
+  return jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32)
+
+
+def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
+             stop_tokens: Sequence[int] = (), pad_id: int = 0, rng: Optional[jax.Array] = None,
+             cache_kind: Optional[str] = None, absorb: Optional[bool] = None,
+             prompt_bucket: int = 64) -> GenerateOutput:
+  """Generate up to ``max_new_tokens`` per prompt.
+
+  prompts: a list of token-id lists (any lengths), or (tokens [B, P], lengths [B]) arrays.
+  """
+  cfg = model.config
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  tokens, lengths = _pad_prompts(prompts, pad_id, prompt_bucket)
+  total = tokens.shape[1] + max_new_tokens
+  if total > cfg.max_seq_len:
+    raise ValueError(f"padded prompt ({tokens.shape[1]}) + max_new_tokens ({max_new_tokens}) = "
+                     f"{total} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
+  latent_ok = cfg.attention_kind == "mla"
+  cache_kind = cache_kind or ("latent" if latent_ok else "expanded")
+  if absorb is None:
+    absorb = cache_kind == "latent" and cfg.decoupled_rope
+  rng = jax.random.key(0) if rng is None else rng
+  graphdef, state = nnx.split(model)
+  return _generate(graphdef, state, tokens, lengths, rng, jnp.asarray(stop_tokens, jnp.int32),
+                   max_new_tokens=max_new_tokens, sampling=sampling, cache_kind=cache_kind,
+                   absorb=absorb, pad_id=pad_id)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling",
+                                             "cache_kind", "absorb", "pad_id"))
+def _generate(graphdef, state, tokens, lengths, rng, stop_tokens, *, max_new_tokens, sampling,
+              cache_kind, absorb, pad_id):
+  model = nnx.merge(graphdef, state)
+  batch, prompt_len = tokens.shape
+  cache = init_cache(model.config, batch, prompt_len + max_new_tokens, cache_kind)
+  prefill = model(tokens, cache=cache, cache_index=jnp.zeros(batch, jnp.int32), absorb=absorb)
+  last_logits = prefill.logits[jnp.arange(batch), lengths - 1]
+  rng, key = jax.random.split(rng)
+  first = sample_logits(last_logits, key, sampling)
+  out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+  done = jnp.isin(first, stop_tokens)
+
+  def keep_going(carry):
+    step, _, _, _, _, done = carry
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def decode_step(carry):
+    step, cache, previous, rng, out, done = carry
+    result = model(previous[:, None], cache=cache, cache_index=lengths + step - 1, absorb=absorb)
+    rng, key = jax.random.split(rng)
+    token = jnp.where(done, pad_id, sample_logits(result.logits[:, 0], key, sampling))
+    out = out.at[:, step].set(token)
+    done = done | jnp.isin(token, stop_tokens)
+    return step + 1, result.cache, token, rng, out, done
+
+  carry = (jnp.int32(1), prefill.cache, first, rng, out, done)
+  step, *_, out, done = jax.lax.while_loop(keep_going, decode_step, carry)
+  is_stop = jnp.isin(out, stop_tokens)
+  first_stop = jnp.where(is_stop.any(-1), jnp.argmax(is_stop, axis=-1) + 1, step)
+  return GenerateOutput(out, jnp.minimum(first_stop, step))

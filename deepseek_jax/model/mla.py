@@ -1,0 +1,158 @@
+"""Multi-Head Latent Attention (DeepSeek-V2 §2.1), with the absorbed latent-cache decode path.
+
+Axis legend: B batch, T query length, S key length (cache slots), D d_model, N heads,
+H = d_h (no-rope head dim), R = d_R (rope dim), V = d_v, C = d_c (kv_lora_rank), Q = d_c'.
+
+How it works
+------------
+Keys and values are generated from one small latent per token:
+
+    c_KV = RMSNorm(h W_DKV)          [B,S,C]      the only per-head-free thing MLA caches,
+    k_R  = RoPE(h W_KR)              [B,S,R]      a rotary key shared by all heads (decoupled RoPE),
+    k_n  = c_KV W_UK  [B,S,N,H],  v = c_KV W_UV  [B,S,N,V].
+
+Expanded path (training): build k = [k_n; k_R] and v per head and run ordinary attention.
+
+Absorbed path (decoding): since q_n . k_n = q_n . (c_KV W_UK) = (q_n W_UK^T) . c_KV, fold W_UK into
+the query and attend directly over the latent cache, then apply W_UV after the softmax:
+
+    q_lat = einsum("BTNH,CNH->BTNC", q_n, W_UK)
+    s     = q_lat . c_KV + q_R . k_R                  (one shared "KV head" of width C + R = 576)
+    o_lat = softmax(s * scale) . c_KV                  [B,T,N,C]
+    out   = einsum("BTNC,CNV->BTNV", o_lat, W_UV) W_O
+
+so a decode step reads (C + R) values per cached token per layer instead of N (H + R + V).
+This works only because RoPE is kept off k_n: a position-dependent rotation between q_n and W_UK
+would block the absorption. ``decoupled_rope=False`` is that ablation: each head's rotary key
+part is up-projected from c_KV (k = RoPE(c_KV W_UK)), nothing is shared, and decoding must
+re-expand the latents (``absorb=False``) or keep an expanded cache.
+
+Caches: ``LatentCache`` (c_KV, k_R) for the absorbed path, ``KVCache`` (per-head k, v) for the
+expanded one. ``absorb`` selects the attention path; the cache type selects what is stored.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepseek_jax.model.attention import (CacheView, KVCache, QueryProjection, attend,
+                                          masked_softmax, self_attention_mask)
+from deepseek_jax.model.layers import RMSNorm, normal_param
+from deepseek_jax.model.rope import RotaryEmbedding
+
+
+class LatentCache(NamedTuple):
+  """MLA's cache: C + R values per token per layer (576 for V2/V3), FlashMLA's "MQA mode"."""
+
+  c_kv: jax.Array  # [B, S, C]
+  k_rope: jax.Array  # [B, S, R] (R = 0 without decoupled RoPE)
+
+  @classmethod
+  def zeros(cls, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype) -> "LatentCache":
+    return cls(jnp.zeros((batch, max_len, kv_lora_rank), dtype),
+               jnp.zeros((batch, max_len, rope_dim), dtype))
+
+
+class MultiHeadLatentAttention(nnx.Module):
+
+  def __init__(self, d_model: int, n_heads: int, q_lora_rank: Optional[int], kv_lora_rank: int,
+               qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, *,
+               decoupled_rope: bool, rotary: RotaryEmbedding, softmax_scale: float, eps: float,
+               init_std: float, dtype: str, param_dtype: str, rngs: nnx.Rngs):
+    kw = dict(std=init_std, param_dtype=param_dtype)
+    self.decoupled_rope = decoupled_rope
+    self.nope_dim, self.rope_dim = qk_nope_head_dim, qk_rope_head_dim
+    shared_rope = qk_rope_head_dim if decoupled_rope else 0
+    per_head_key = qk_nope_head_dim + (0 if decoupled_rope else qk_rope_head_dim)
+    self.query = QueryProjection(d_model, n_heads, qk_nope_head_dim + qk_rope_head_dim,
+                                 q_lora_rank, eps=eps, init_std=init_std, dtype=dtype,
+                                 param_dtype=param_dtype, rngs=rngs)
+    # W_DKV and W_KR fused as one [D, C + R] matrix (HF: kv_a_proj_with_mqa).
+    self.wkv_a = normal_param(rngs, (d_model, kv_lora_rank + shared_rope), ("embed", "kv_lora"), **kw)
+    self.kv_norm = RMSNorm(kv_lora_rank, eps=eps, param_dtype=param_dtype)
+    self.w_uk = normal_param(rngs, (kv_lora_rank, n_heads, per_head_key),
+                             ("kv_lora", "heads", "head_dim"), **kw)
+    self.w_uv = normal_param(rngs, (kv_lora_rank, n_heads, v_head_dim),
+                             ("kv_lora", "heads", "head_dim"), **kw)
+    self.wo = normal_param(rngs, (n_heads, v_head_dim, d_model), ("heads", "head_dim", "embed"),
+                           **kw)
+    self.kv_lora_rank = kv_lora_rank
+    self.rotary = rotary
+    self.scale = softmax_scale
+    self.dtype = dtype
+
+  def _weights(self, name: str) -> jax.Array:
+    return getattr(self, name)[...].astype(self.dtype)
+
+  def latents(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """c_KV [B,T,C] (normalised) and the shared rotary key k_R [B,T,R] (rotated)."""
+    kv = jnp.einsum("BTD,DC->BTC", x, self._weights("wkv_a"))
+    c_kv = self.kv_norm(kv[..., :self.kv_lora_rank])
+    k_rope = kv[..., self.kv_lora_rank:]
+    if self.decoupled_rope:
+      k_rope = self.rotary(k_rope, positions)
+    return c_kv, k_rope
+
+  def expand(self, c_kv: jax.Array, k_rope: jax.Array, key_positions: jax.Array):
+    """Per-head keys [B,S,N,H+R] and values [B,S,N,V] from latents (the expanded path)."""
+    k = jnp.einsum("BSC,CNH->BSNH", c_kv, self._weights("w_uk"))
+    v = jnp.einsum("BSC,CNV->BSNV", c_kv, self._weights("w_uv"))
+    if self.decoupled_rope:
+      k_r = jnp.broadcast_to(k_rope[:, :, None, :], k.shape[:3] + (self.rope_dim,))
+      k = jnp.concatenate([k, k_r.astype(k.dtype)], axis=-1)
+    else:  # coupled ablation: the rotary part of each head's key comes from c_KV
+      k = jnp.concatenate([k[..., :self.nope_dim], self.rotary(k[..., self.nope_dim:],
+                                                               key_positions)], axis=-1)
+    return k, v
+
+  def __call__(self, x, positions, *, segment_ids=None, cache: Optional[CacheView] = None,
+               cache_index=None, absorb: bool = False):
+    """x [B,T,D], positions [B,T] -> (y [B,T,D], updated cache view or None)."""
+    expanded_cache = cache is not None and isinstance(cache.stacked, KVCache)
+    if absorb and not self.decoupled_rope:
+      raise ValueError("absorb=True needs decoupled_rope=True: RoPE on up-projected keys "
+                       "cannot be folded into the query (use absorb=False or a KVCache)")
+    if absorb and expanded_cache:
+      raise ValueError("absorb=True attends over latents; pass a LatentCache, not a KVCache")
+    x = x.astype(self.dtype)
+    q = self.query(x)
+    q_nope, q_rope = q[..., :self.nope_dim], self.rotary(q[..., self.nope_dim:], positions)
+    c_kv, k_rope = self.latents(x, positions)
+
+    if expanded_cache:  # store per-head k, v for the new tokens, attend over all slots
+      cache = cache.write(KVCache(*self.expand(c_kv, k_rope, positions)), cache_index)
+      k, v = (a.astype(self.dtype) for a in cache.read())
+      mask = self_attention_mask(positions, None, k.shape[1])
+      out = attend(jnp.concatenate([q_nope, q_rope], -1), k, v, mask, self.scale)
+      return self._output(out), cache
+
+    if cache is not None:  # latent cache: keys are every cached latent
+      cache = cache.write(LatentCache(c_kv, k_rope), cache_index)
+      c_kv, k_rope = (a.astype(self.dtype) for a in cache.read())
+      key_positions = jnp.broadcast_to(jnp.arange(c_kv.shape[1]), c_kv.shape[:2])
+      mask = self_attention_mask(positions, None, c_kv.shape[1])
+    else:
+      key_positions = positions
+      mask = self_attention_mask(positions, segment_ids, None)
+
+    if absorb:
+      out = self._absorbed(q_nope, q_rope, c_kv, k_rope, mask)
+    else:
+      k, v = self.expand(c_kv, k_rope, key_positions)
+      out = attend(jnp.concatenate([q_nope, q_rope], -1), k, v, mask, self.scale)
+    return self._output(out), cache
+
+  def _absorbed(self, q_nope, q_rope, c_kv, k_rope, mask) -> jax.Array:
+    q_lat = jnp.einsum("BTNH,CNH->BTNC", q_nope, self._weights("w_uk"))
+    scores = (jnp.einsum("BTNC,BSC->BNTS", q_lat, c_kv, preferred_element_type=jnp.float32)
+              + jnp.einsum("BTNR,BSR->BNTS", q_rope, k_rope, preferred_element_type=jnp.float32))
+    probs = masked_softmax(scores * self.scale, mask)
+    o_lat = jnp.einsum("BNTS,BSC->BTNC", probs.astype(self.dtype), c_kv)
+    return jnp.einsum("BTNC,CNV->BTNV", o_lat, self._weights("w_uv"))
+
+  def _output(self, out: jax.Array) -> jax.Array:
+    return jnp.einsum("BTNV,NVD->BTD", out, self._weights("wo"))

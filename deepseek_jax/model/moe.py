@@ -1,0 +1,263 @@
+"""DeepSeekMoE: shared experts + fine-grained routed experts (V2 §2.2, V3 §2.1.2).
+
+Axis legend: B batch, T tokens (flattened B*T inside the layer), D d_model, E routed experts,
+K experts per token (top-k), F expert hidden, G expert groups, M = T*K assignments.
+
+How it works
+------------
+    y = x + sum_shared FFN_s(x) + sum_{i in topK} g_i FFN_i(x)
+
+Routing (``route``), all in float32:
+  s = softmax(x W_r) (V2) or sigmoid(x W_r) (V3).
+  Selection uses s + b, where b is the auxiliary-loss-free balancing bias (V3); b never
+  enters the combine weights. Group-limited routing first keeps the best ``n_limited_groups``
+  groups, scoring a group by its max (V2 device-limited routing) or the sum of its top-2 (V3
+  node-limited routing), and masks the other groups' experts with -inf.
+  g = the selected s, normalised to sum to 1 if ``norm_topk_prob`` (V3), times the routed scale.
+
+Balancing:
+  - bias update (``update_router_bias``): after each step, b_i += gamma * sign(mean load - load_i)
+    with the load counted over the whole *global* batch; the bias is state, not a parameter.
+  - balance losses: f_i = E/(K T) * #tokens choosing i, P_i = mean_t s'_{i,t} with s' = s / sum s,
+    per sequence (V3 sequence-wise; V2 seq_aux) or per batch. Expert-level alpha * sum f_i P_i,
+    device-level over groups-as-devices, communication-level over tokens sent to each device.
+Capacity: ``capacity_factor`` None is dropless (V3). Otherwise each expert keeps at most
+  ceil(cf * T * K / E) assignments, the highest-affinity ones (V2 drops lowest affinity first).
+
+Expert compute sorts the M assignments by expert and runs three grouped matmuls
+(``grouped_matmul``): only the chosen experts' FLOPs. ``moe_dense_oracle`` runs every expert on
+every token and exists only to test that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepseek_jax.model.grouped_matmul import grouped_matmul
+from deepseek_jax.model.layers import SwiGLU, normal_param
+
+
+class RouterBias(nnx.Variable):
+  """Aux-loss-free balancing bias: state updated from expert load, not by the optimiser."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingSpec:
+  top_k: int
+  score_func: str = "sigmoid"
+  n_groups: int = 1
+  n_limited_groups: int = 1
+  group_score: str = "top2_sum"
+  norm_topk_prob: bool = True
+  routed_scaling_factor: float = 1.0
+
+
+class Routing(NamedTuple):
+  experts: jax.Array  # [T, K] int32, selected expert ids
+  weights: jax.Array  # [T, K] float32, combine weights g (routed scale included)
+  scores: jax.Array  # [T, E] float32, affinities s (no bias)
+
+
+def route(logits: jax.Array, bias: Optional[jax.Array], spec: RoutingSpec) -> Routing:
+  """Select top-k experts per token from router logits [T, E] (float32 throughout)."""
+  logits = logits.astype(jnp.float32)
+  scores = jax.nn.softmax(logits, -1) if spec.score_func == "softmax" else jax.nn.sigmoid(logits)
+  choice = scores if bias is None else scores + bias.astype(jnp.float32)
+  if spec.n_limited_groups < spec.n_groups:
+    t, e = choice.shape
+    grouped = choice.reshape(t, spec.n_groups, e // spec.n_groups)
+    if spec.group_score == "max":
+      group_scores = grouped.max(-1)
+    else:
+      group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)
+    _, kept = jax.lax.top_k(group_scores, spec.n_limited_groups)
+    group_mask = jnp.zeros((t, spec.n_groups), bool).at[jnp.arange(t)[:, None], kept].set(True)
+    choice = jnp.where(jnp.repeat(group_mask, e // spec.n_groups, axis=1), choice, -jnp.inf)
+  _, experts = jax.lax.top_k(choice, spec.top_k)
+  weights = jnp.take_along_axis(scores, experts, axis=-1)
+  if spec.norm_topk_prob:
+    weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+  return Routing(experts.astype(jnp.int32), weights * spec.routed_scaling_factor, scores)
+
+
+def update_router_bias(bias: jax.Array, load: jax.Array, gamma) -> jax.Array:
+  """Aux-loss-free update (V3 §2.1.2): b_i += gamma * sign(mean(load) - load_i).
+
+  ``load`` [..., E] must count tokens over the whole global batch: a per-shard load would
+  balance the wrong thing.
+  """
+  load = load.astype(jnp.float32)
+  return bias + gamma * jnp.sign(load.mean(-1, keepdims=True) - load)
+
+
+# --- balance losses ------------------------------------------------------------------------------
+
+def _scoped(x: jax.Array, scope: str) -> jax.Array:
+  """[B, T, ...] -> [S, T', ...]: one row per sequence, or the whole batch as one row."""
+  return x if scope == "sequence" else x.reshape((1, -1) + x.shape[2:])
+
+
+def balance_fractions(scores, experts, mask, scope: str = "sequence"):
+  """f [S, E] (load fraction, E/(K T) * count) and P [S, E] (mean normalised affinity).
+
+  scores [B,T,E], experts [B,T,K], mask [B,T] (1 = real token).
+  """
+  scores, experts, mask = (_scoped(a, scope) for a in (scores, experts, mask.astype(jnp.float32)))
+  n_experts, top_k = scores.shape[-1], experts.shape[-1]
+  chosen = jax.nn.one_hot(experts, n_experts, dtype=jnp.float32).sum(-2) * mask[..., None]
+  n_tokens = jnp.maximum(mask.sum(-1, keepdims=True), 1.0)
+  f = n_experts / (top_k * n_tokens) * chosen.sum(1)
+  normalised = scores / scores.sum(-1, keepdims=True)
+  p = (normalised * mask[..., None]).sum(1) / n_tokens
+  return f, p
+
+
+def expert_balance_loss(f: jax.Array, p: jax.Array) -> jax.Array:
+  """sum_i f_i P_i, averaged over sequences (V3 sequence-wise / V2 expert-level, before alpha)."""
+  return (f * p).sum(-1).mean()
+
+
+def device_balance_loss(f: jax.Array, p: jax.Array, n_devices: int) -> jax.Array:
+  """V2 device-level: sum_d f'_d P'_d, f'_d = mean of f over d's experts, P'_d = their sum."""
+  s, e = f.shape
+  f_dev = f.reshape(s, n_devices, e // n_devices).mean(-1)
+  p_dev = p.reshape(s, n_devices, e // n_devices).sum(-1)
+  return (f_dev * p_dev).sum(-1).mean()
+
+
+def comm_balance_loss(experts, mask, p, n_devices: int, max_devices: int,
+                      scope: str = "sequence") -> jax.Array:
+  """V2 communication: sum_d f''_d P''_d, f''_d = D/(M T) * #tokens sent to device d."""
+  experts, mask = _scoped(experts, scope), _scoped(mask.astype(jnp.float32), scope)
+  s, e = p.shape
+  device = experts // (e // n_devices)
+  sent = jax.nn.one_hot(device, n_devices, dtype=jnp.float32).max(-2) * mask[..., None]
+  n_tokens = jnp.maximum(mask.sum(-1, keepdims=True), 1.0)
+  f_comm = n_devices / (max_devices * n_tokens) * sent.sum(1)
+  p_dev = p.reshape(s, n_devices, e // n_devices).sum(-1)
+  return (f_comm * p_dev).sum(-1).mean()
+
+
+# --- expert computation ----------------------------------------------------------------------------
+
+def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
+  return max(1, math.ceil(capacity_factor * n_tokens * top_k / n_experts))
+
+
+def capacity_keep(experts: jax.Array, priority: jax.Array, n_experts: int,
+                  capacity: int) -> jax.Array:
+  """keep [M]: True for the ``capacity`` highest-priority assignments of each expert."""
+  order = jnp.lexsort((-priority, experts))  # by expert, then priority descending
+  counts = jnp.zeros(n_experts, jnp.int32).at[experts].add(1)
+  starts = jnp.cumsum(counts) - counts
+  rank_sorted = jnp.arange(experts.shape[0]) - starts[experts[order]]
+  rank = jnp.zeros_like(rank_sorted).at[order].set(rank_sorted)
+  return rank < capacity
+
+
+def routed_experts(x, routing: Routing, w_gate, w_up, w_down, keep=None, *, impl="auto"):
+  """Sorted grouped-matmul expert FFNs: x [T, D] -> sum_k g_k FFN_{e_k}(x) [T, D].
+
+  ``keep`` [T*K] marks assignments that survive the capacity limit (None: all, dropless).
+  """
+  t, top_k = routing.experts.shape
+  n_experts = w_gate.shape[0]
+  flat_expert = routing.experts.reshape(-1)
+  weights = routing.weights
+  if keep is not None:  # dropped assignments sort past every group and get zero weight
+    flat_expert = jnp.where(keep, flat_expert, n_experts)
+    weights = weights * keep.reshape(t, top_k)
+  order = jnp.argsort(flat_expert, stable=True)
+  group_sizes = jnp.zeros(n_experts, jnp.int32).at[flat_expert].add(1, mode="drop")
+  x_sorted = x[order // top_k]
+  gate = grouped_matmul(x_sorted, w_gate, group_sizes, impl=impl)
+  up = grouped_matmul(x_sorted, w_up, group_sizes, impl=impl)
+  out_sorted = grouped_matmul(jax.nn.silu(gate) * up, w_down, group_sizes, impl=impl)
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
+  out = out_sorted[inverse].reshape(t, top_k, -1)
+  return jnp.einsum("TKD,TK->TD", out.astype(jnp.float32), weights).astype(x.dtype)
+
+
+def moe_dense_oracle(x, routing: Routing, w_gate, w_up, w_down, keep=None):
+  """Test oracle: every expert on every token, combined by a dense [T, E] gate matrix."""
+  t, top_k = routing.experts.shape
+  weights = routing.weights if keep is None else routing.weights * keep.reshape(t, top_k)
+  combine = jnp.zeros((t, w_gate.shape[0]), jnp.float32)
+  combine = combine.at[jnp.arange(t)[:, None], routing.experts].add(weights)
+  h = jax.nn.silu(jnp.einsum("TD,EDF->TEF", x, w_gate)) * jnp.einsum("TD,EDF->TEF", x, w_up)
+  out = jnp.einsum("TEF,EFD->TED", h, w_down)
+  return jnp.einsum("TED,TE->TD", out.astype(jnp.float32), combine).astype(x.dtype)
+
+
+class MoE(nnx.Module):
+  """DeepSeekMoE layer. Returns (y, stats); stats feed the losses, the bias update and logging."""
+
+  def __init__(self, d_model: int, n_routed_experts: int, n_shared_experts: int, ffn_dim: int, *,
+               routing: RoutingSpec, router_bias: bool, capacity_factor: Optional[float],
+               balance_scope: str, expert_balance_coef: float, device_balance_coef: float,
+               comm_balance_coef: float, grouped_matmul_impl: str, init_std: float, dtype: str,
+               param_dtype: str, rngs: nnx.Rngs):
+    kw = dict(std=init_std, param_dtype=param_dtype)
+    e, d, f = n_routed_experts, d_model, ffn_dim
+    self.gate = normal_param(rngs, (d, e), ("embed", "expert"), **kw)
+    self.router_bias = RouterBias(jnp.zeros((e,), jnp.float32)) if router_bias else None
+    self.w_gate = normal_param(rngs, (e, d, f), ("expert", "embed", "expert_mlp"), **kw)
+    self.w_up = normal_param(rngs, (e, d, f), ("expert", "embed", "expert_mlp"), **kw)
+    self.w_down = normal_param(rngs, (e, f, d), ("expert", "expert_mlp", "embed"), **kw)
+    self.shared = (SwiGLU(d, n_shared_experts * f, init_std=init_std, dtype=dtype,
+                          param_dtype=param_dtype, rngs=rngs) if n_shared_experts else None)
+    self.routing = routing
+    self.capacity_factor = capacity_factor
+    self.balance_scope = balance_scope
+    self.coefs = (expert_balance_coef, device_balance_coef, comm_balance_coef)
+    self.impl = grouped_matmul_impl
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None):
+    """x [B,T,D], mask [B,T] (1 = real token; padding is excluded from load and losses)."""
+    b, t, d = x.shape
+    x = x.astype(self.dtype)
+    mask = jnp.ones((b, t), jnp.float32) if mask is None else mask.astype(jnp.float32)
+    tokens = x.reshape(b * t, d)
+    logits = jnp.einsum("TD,DE->TE", tokens.astype(jnp.float32),
+                        self.gate[...].astype(jnp.float32))  # router in float32
+    bias = None if self.router_bias is None else self.router_bias[...]
+    routing = route(logits, bias, self.routing)
+    n_experts, top_k = logits.shape[-1], self.routing.top_k
+    flat_mask = jnp.repeat(mask.reshape(-1), top_k)
+
+    keep = None
+    if self.capacity_factor is not None:
+      affinity = jnp.take_along_axis(routing.scores, routing.experts, -1).reshape(-1)
+      priority = jnp.where(flat_mask > 0, affinity, -1.0)  # padding yields its slots first
+      capacity = expert_capacity(b * t, top_k, n_experts, self.capacity_factor)
+      keep = capacity_keep(routing.experts.reshape(-1), priority, n_experts, capacity)
+
+    y = routed_experts(tokens, routing, self.w_gate[...].astype(self.dtype),
+                       self.w_up[...].astype(self.dtype), self.w_down[...].astype(self.dtype),
+                       keep, impl=self.impl)
+    if self.shared is not None:
+      y = y + self.shared(tokens[None])[0]
+
+    scores = routing.scores.reshape(b, t, n_experts)
+    experts = routing.experts.reshape(b, t, top_k)
+    f, p = balance_fractions(scores, experts, mask, self.balance_scope)
+    expert_coef, device_coef, comm_coef = self.coefs
+    n_groups = self.routing.n_groups
+    stats = {
+        "load": jnp.zeros(n_experts, jnp.float32).at[routing.experts.reshape(-1)].add(flat_mask),
+        "dropped": (0.0 if keep is None else ((1.0 - keep) * flat_mask).sum()) * jnp.ones(()),
+        "assignments": flat_mask.sum(),
+        "expert_balance": expert_coef * expert_balance_loss(f, p),
+        "device_balance": device_coef * device_balance_loss(f, p, n_groups),
+        "comm_balance": comm_coef * comm_balance_loss(experts, mask, p, n_groups,
+                                                      self.routing.n_limited_groups,
+                                                      self.balance_scope),
+    }
+    return y.reshape(b, t, d), stats

@@ -1,0 +1,275 @@
+"""The DeepSeek decoder: embedding, dense then MoE blocks, final norm, head, MTP modules.
+
+Axis legend: B batch, T length, D d_model, V vocab, L layers of a stack.
+
+Layers of one kind are *stacked*: ``nnx.vmap`` builds one Block whose parameters carry a leading
+L axis, and ``lax.scan`` runs it, so compile time does not grow with depth. The first
+``n_dense_layers`` blocks form the dense stack, the rest the MoE stack (V3: 3 + 58).
+
+``DeepSeekModel`` is the only module that reads ``ModelConfig``; it translates the config into
+the explicit fields of each layer (``make_block``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.model.attention import CacheView, GroupedQueryAttention, KVCache
+from deepseek_jax.model.layers import Embed, RMSNorm, SwiGLU, normal_param
+from deepseek_jax.model.mla import LatentCache, MultiHeadLatentAttention
+from deepseek_jax.model.moe import MoE, RouterBias, RoutingSpec, update_router_bias
+from deepseek_jax.model.mtp import MTPModule, mtp_targets
+from deepseek_jax.model.rope import rotary_from_config
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x))."""
+
+  def __init__(self, attention: nnx.Module, ffn: nnx.Module, d_model: int, *, eps: float,
+               param_dtype: str):
+    self.attn_norm = RMSNorm(d_model, eps=eps, param_dtype=param_dtype)
+    self.attention = attention
+    self.ffn_norm = RMSNorm(d_model, eps=eps, param_dtype=param_dtype)
+    self.ffn = ffn
+
+  def __call__(self, x, positions, *, segment_ids=None, mask=None, cache=None, cache_index=None,
+               absorb: bool = False):
+    """Returns (x, updated cache, MoE stats or None)."""
+    h, cache = self.attention(self.attn_norm(x), positions, segment_ids=segment_ids, cache=cache,
+                              cache_index=cache_index, absorb=absorb)
+    x = x + h.astype(x.dtype)
+    if isinstance(self.ffn, MoE):
+      h, stats = self.ffn(self.ffn_norm(x), mask)
+    else:
+      h, stats = self.ffn(self.ffn_norm(x)), None
+    return x + h.astype(x.dtype), cache, stats
+
+
+def make_block(cfg: ModelConfig, moe: bool, rngs: nnx.Rngs) -> Block:
+  common = dict(init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+  attn_kw = dict(rotary=rotary_from_config(cfg), softmax_scale=cfg.softmax_scale,
+                 eps=cfg.rms_norm_eps, **common)
+  if cfg.attention_kind == "mla":
+    attention = MultiHeadLatentAttention(
+        cfg.d_model, cfg.n_heads, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim,
+        cfg.qk_rope_head_dim, cfg.v_head_dim, decoupled_rope=cfg.decoupled_rope, **attn_kw)
+  else:
+    attention = GroupedQueryAttention(
+        cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.q_lora_rank, cfg.qk_nope_head_dim,
+        cfg.qk_rope_head_dim, cfg.v_head_dim, **attn_kw)
+  if moe:
+    routing = RoutingSpec(
+        top_k=cfg.n_activated_experts, score_func=cfg.score_func, n_groups=cfg.n_expert_groups,
+        n_limited_groups=cfg.n_limited_groups, group_score=cfg.group_score,
+        norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor)
+    ffn = MoE(cfg.d_model, cfg.n_routed_experts, cfg.n_shared_experts, cfg.moe_ffn_dim,
+              routing=routing, router_bias=cfg.router_bias, capacity_factor=cfg.capacity_factor,
+              balance_scope=cfg.balance_loss_scope, expert_balance_coef=cfg.expert_balance_coef,
+              device_balance_coef=cfg.device_balance_coef,
+              comm_balance_coef=cfg.comm_balance_coef, grouped_matmul_impl=cfg.grouped_matmul,
+              **common)
+  else:
+    ffn = SwiGLU(cfg.d_model, cfg.dense_ffn_dim, **common)
+  return Block(attention, ffn, cfg.d_model, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
+
+
+def stack_blocks(cfg: ModelConfig, n: int, moe: bool, rngs: nnx.Rngs) -> Optional[Block]:
+  """n independently initialised blocks as one Block with a leading layer axis (None if n=0)."""
+  if n == 0:
+    return None
+
+  @nnx.split_rngs(splits=n)
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def create(rngs):
+    return make_block(cfg, moe, rngs)
+
+  return create(rngs)
+
+
+def scan_blocks(stack: Optional[Block], x, positions, *, segment_ids=None, mask=None, cache=None,
+                cache_index=None, absorb=False):
+  """Run a stacked Block over its layer axis. Returns (x, stacked cache, stacked MoE stats)."""
+  if stack is None:
+    return x, cache, None
+  graphdef, state = nnx.split(stack)
+  n_layers = jax.tree.leaves(state)[0].shape[0]
+
+  def layer(carry, inputs):
+    x, cache = carry  # the stacked cache is carried, so layers update it in place
+    layer_state, index = inputs
+    view = None if cache is None else CacheView(cache, index)
+    x, view, stats = nnx.merge(graphdef, layer_state)(
+        x, positions, segment_ids=segment_ids, mask=mask, cache=view, cache_index=cache_index,
+        absorb=absorb)
+    return (x, None if view is None else view.stacked), stats
+
+  (x, cache), stats = jax.lax.scan(layer, (x, cache), (state, jnp.arange(n_layers)))
+  return x, cache, stats
+
+
+class DecodeCache(NamedTuple):
+  """Per-stack caches, each a LatentCache or KVCache with a leading layer axis (or None)."""
+
+  dense: Any
+  moe: Any
+
+
+class ModelOutput(NamedTuple):
+  logits: jax.Array  # [B, T, V] float32
+  hidden: jax.Array  # [B, T, D] final normed hidden state (h^0 for MTP)
+  cache: Optional[DecodeCache]
+  moe_stats: Optional[dict]  # each entry stacked over MoE layers: load [L, E], ...
+
+
+class MTPOutput(NamedTuple):
+  logits: jax.Array  # [B, T, V] predictions of t_{i+k+1}
+  targets: jax.Array  # [B, T]
+  mask: jax.Array  # [B, T]
+  moe_stats: Optional[dict]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, kind: str = "latent",
+               dtype: Optional[str] = None) -> DecodeCache:
+  """Zero cache for ``batch`` rows of ``max_len`` slots: 'latent' (MLA) or 'expanded' (per head)."""
+  dtype = dtype or cfg.dtype
+  if kind == "latent":
+    if cfg.attention_kind != "mla":
+      raise ValueError(f"kind='latent' needs attention_kind='mla', got {cfg.attention_kind!r}; "
+                       "use kind='expanded'")
+    rope = cfg.qk_rope_head_dim if cfg.decoupled_rope else 0
+    one = LatentCache.zeros(batch, max_len, cfg.kv_lora_rank, rope, dtype)
+  elif kind == "expanded":
+    one = KVCache.zeros(batch, max_len, cfg.kv_heads, cfg.qk_head_dim, cfg.v_head_dim, dtype)
+  else:
+    raise ValueError(f"cache kind must be 'latent' or 'expanded', got {kind!r}")
+  stacked = lambda n: (jax.tree.map(lambda a: jnp.zeros((n,) + a.shape, a.dtype), one)
+                       if n else None)
+  return DecodeCache(stacked(cfg.n_dense_layers), stacked(cfg.n_moe_layers))
+
+
+class DeepSeekModel(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    common = dict(init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.config = cfg
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, **common)
+    self.dense_layers = stack_blocks(cfg, cfg.n_dense_layers, moe=False, rngs=rngs)
+    self.moe_layers = stack_blocks(cfg, cfg.n_moe_layers, moe=True, rngs=rngs)
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
+    self.lm_head = (None if cfg.tie_embeddings else
+                    normal_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                                 std=cfg.init_std, param_dtype=cfg.param_dtype))
+    self.mtp = nnx.List([
+        MTPModule(make_block(cfg, cfg.n_moe_layers > 0, rngs), cfg.d_model, eps=cfg.rms_norm_eps,
+                  **common) for _ in range(cfg.n_mtp_modules)])
+
+  def head(self, h: jax.Array) -> jax.Array:
+    """Output head on normed hidden states; logits returned in float32."""
+    if self.lm_head is None:
+      return self.embed.attend(h).astype(jnp.float32)
+    dtype = self.config.dtype
+    return jnp.einsum("BTD,DV->BTV", h.astype(dtype), self.lm_head[...].astype(dtype),
+                      preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens, *, positions=None, segment_ids=None, mask=None,
+               cache: Optional[DecodeCache] = None, cache_index=None,
+               absorb: bool = False) -> ModelOutput:
+    """tokens [B, T] -> ModelOutput.
+
+    Training: ``positions`` default to 0..T-1 (pass them with ``segment_ids`` for packed rows).
+    With a cache: the T tokens are written at per-row slots ``cache_index`` [B] onward and get
+    positions cache_index + 0..T-1; ``absorb=True`` attends over the latent cache (MLA).
+    """
+    b, t = tokens.shape
+    if cache is not None:
+      if cache_index is None:
+        raise ValueError("a cache needs cache_index [B]: the slot where each row's tokens go")
+      positions = cache_index[:, None] + jnp.arange(t)[None]
+    elif positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    kw = dict(segment_ids=segment_ids, mask=mask, cache_index=cache_index, absorb=absorb)
+    x = self.embed(tokens)
+    x, dense_cache, _ = scan_blocks(self.dense_layers, x, positions,
+                                    cache=None if cache is None else cache.dense, **kw)
+    x, moe_cache, stats = scan_blocks(self.moe_layers, x, positions,
+                                      cache=None if cache is None else cache.moe, **kw)
+    hidden = self.final_norm(x)
+    new_cache = None if cache is None else DecodeCache(dense_cache, moe_cache)
+    return ModelOutput(self.head(hidden), hidden, new_cache, stats)
+
+  def mtp_forward(self, hidden, targets, mask, *, positions=None, segment_ids=None):
+    """Run the D MTP depths from the main hidden state; one MTPOutput per depth."""
+    b, t = targets.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    outputs, h = [], hidden
+    for k, module in enumerate(self.mtp, start=1):
+      tokens_k, targets_k, mask_k = mtp_targets(targets, mask, segment_ids, k)
+      h, normed, stats = module(h, self.embed(tokens_k), positions, segment_ids=segment_ids,
+                                mask=mask_k)
+      outputs.append(MTPOutput(self.head(normed), targets_k, mask_k, stats))
+    return outputs
+
+
+def router_bias_update(model: DeepSeekModel, loads: jax.Array, gamma) -> None:
+  """Apply the aux-loss-free bias update in place.
+
+  ``loads`` [n_moe_layers + n_mtp_modules, E]: global per-expert token counts, MoE stack rows
+  first, then one row per MTP module (the order of ``train.loss`` metrics["expert_load"]).
+  """
+  n = model.config.n_moe_layers
+  if model.moe_layers is not None and model.moe_layers.ffn.router_bias is not None:
+    bias = model.moe_layers.ffn.router_bias
+    bias[...] = update_router_bias(bias[...], loads[:n], gamma)
+  for i, module in enumerate(model.mtp):
+    bias = getattr(module.block.ffn, "router_bias", None)
+    if bias is not None:
+      bias[...] = update_router_bias(bias[...], loads[n + i], gamma)
+
+
+def forward(model: DeepSeekModel, tokens, **kwargs) -> ModelOutput:
+  """``model(tokens, **kwargs)`` compiled: one compile per shape and ``absorb`` value.
+
+  Calling the module directly runs eagerly, op by op; use this in notebooks and loops.
+  """
+  graphdef, state = nnx.split(model)
+  return _forward(graphdef, state, tokens, **kwargs)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "absorb"))
+def _forward(graphdef, state, tokens, *, positions=None, segment_ids=None, mask=None, cache=None,
+             cache_index=None, absorb=False):
+  return nnx.merge(graphdef, state)(tokens, positions=positions, segment_ids=segment_ids,
+                                    mask=mask, cache=cache, cache_index=cache_index, absorb=absorb)
+
+
+def abstract_model(cfg: ModelConfig) -> DeepSeekModel:
+  """The model with ShapeDtypeStruct leaves: shapes and counts without allocating weights."""
+  return nnx.eval_shape(lambda: DeepSeekModel(cfg, rngs=nnx.Rngs(0)))
+
+
+def create_model(cfg: ModelConfig, seed: int = 0) -> DeepSeekModel:
+  """Build and initialise ``DeepSeekModel(cfg)`` as one compiled program.
+
+  Eager construction dispatches and compiles every initialiser separately (~10 s for the tiny
+  preset on CPU); this compiles one program per config (~3 s) and reuses it.
+  """
+  graphdef, _ = nnx.split(abstract_model(cfg))
+  return nnx.merge(graphdef, _init_state(cfg, jax.random.key(seed)))
+
+
+# Initialisation runs once: the XLA backend's expensive passes buy nothing but compile time.
+@functools.partial(jax.jit, static_argnums=0,
+                   compiler_options={"xla_backend_optimization_level": 0})
+def _init_state(cfg: ModelConfig, key: jax.Array):
+  return nnx.state(DeepSeekModel(cfg, rngs=nnx.Rngs(params=key)))
+
+
+__all__ = ["Block", "DecodeCache", "DeepSeekModel", "ModelOutput", "MTPOutput", "RouterBias",
+           "abstract_model", "create_model", "forward", "init_cache", "router_bias_update"]

@@ -1,0 +1,1 @@
+"""Training pieces: the loss (this issue); train step, optimizer, data, checkpoints follow."""

@@ -1,0 +1,31 @@
+"""deepseek-jax: DeepSeek-V2/V3/R1 techniques in JAX/Flax NNX, switchable for ablation."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="deepseek-jax",
+    version="0.1.0",
+    description="DeepSeek-V2/V3/R1 (MLA, DeepSeekMoE, MTP) in JAX/Flax NNX for research",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["deepseek_jax*", "pallas_kernels*"]),
+    install_requires=[
+        "jax>=0.10.2,<0.12",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint",
+        "chex",
+        "ml-collections",
+        "absl-py",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist"],
+        "tpu": ["jax[tpu]>=0.10.2,<0.12"],
+        "gpu": ["jax[cuda12]>=0.10.2,<0.12"],
+        # torch is pinned: an unpinned torch pulls several GB of CUDA wheels.
+        "hf": ["torch==2.13.0", "transformers>=5.0", "safetensors"],
+        "notebooks": ["jupyter", "matplotlib"],
+    },
+)

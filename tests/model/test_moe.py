@@ -1,0 +1,225 @@
+"""DeepSeekMoE: routing rules, balance losses by hand, capacity, and the sorted expert path."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from deepseek_jax.model import moe as M
+
+V3_SPEC = M.RoutingSpec(top_k=4, score_func="sigmoid", n_groups=4, n_limited_groups=2,
+                        group_score="top2_sum", norm_topk_prob=True, routed_scaling_factor=2.5)
+V2_SPEC = M.RoutingSpec(top_k=3, score_func="softmax", n_groups=4, n_limited_groups=2,
+                        group_score="max", norm_topk_prob=False, routed_scaling_factor=16.0)
+
+
+def _numpy_gate(logits, bias, spec):
+  """DeepSeek's gate written independently in NumPy (float64), one token at a time."""
+  experts_out, weights_out = [], []
+  for row in np.asarray(logits, np.float64):
+    s = np.exp(row - row.max()) / np.exp(row - row.max()).sum() if spec.score_func == "softmax" \
+        else 1 / (1 + np.exp(-row))
+    choice = s + (0 if bias is None else np.asarray(bias, np.float64))
+    groups = choice.reshape(spec.n_groups, -1)
+    group_score = groups.max(-1) if spec.group_score == "max" else np.sort(groups, -1)[:, -2:].sum(-1)
+    kept = np.argsort(-group_score, kind="stable")[:spec.n_limited_groups]
+    masked = np.full_like(groups, -np.inf)
+    masked[kept] = groups[kept]
+    top = np.argsort(-masked.reshape(-1), kind="stable")[:spec.top_k]
+    w = s[top] / (s[top].sum() if spec.norm_topk_prob else 1.0) * spec.routed_scaling_factor
+    experts_out.append(top)
+    weights_out.append(w)
+  return np.array(experts_out), np.array(weights_out)
+
+
+@pytest.mark.parametrize("spec", [V3_SPEC, V2_SPEC], ids=["v3", "v2"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_routing_matches_an_independent_numpy_gate(spec, with_bias):
+  kl, kb = jax.random.split(jax.random.key(0))
+  logits = jax.random.normal(kl, (64, 16))
+  bias = 0.3 * jax.random.normal(kb, (16,)) if with_bias else None
+  got = M.route(logits, bias, spec)
+  want_experts, want_weights = _numpy_gate(logits, bias, spec)
+  order = np.argsort(np.asarray(got.experts), -1)
+  np.testing.assert_array_equal(np.sort(got.experts, -1), np.sort(want_experts, -1))
+  want_order = np.argsort(want_experts, -1)
+  np.testing.assert_allclose(np.take_along_axis(np.asarray(got.weights), order, -1),
+                             np.take_along_axis(want_weights, want_order, -1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", [V3_SPEC, V2_SPEC], ids=["v3", "v2"])
+def test_experts_come_only_from_kept_groups(spec):
+  logits = jax.random.normal(jax.random.key(1), (256, 16))
+  r = M.route(logits, None, spec)
+  s = np.asarray(r.scores).reshape(256, spec.n_groups, -1)
+  group_score = s.max(-1) if spec.group_score == "max" else np.sort(s, -1)[..., -2:].sum(-1)
+  kept = np.argsort(-group_score, -1)[:, :spec.n_limited_groups]
+  chosen_groups = np.asarray(r.experts) // (16 // spec.n_groups)
+  assert all(set(c) <= set(k) for c, k in zip(chosen_groups, kept))
+  assert len(np.unique(chosen_groups)) == spec.n_groups  # the limit actually varies by token
+
+
+def test_bias_changes_selection_but_not_weights():
+  logits = jax.random.normal(jax.random.key(2), (128, 16))
+  bias = jnp.zeros(16).at[3].set(5.0)  # expert 3 always chosen, whatever its score
+  plain, biased = M.route(logits, None, V3_SPEC), M.route(logits, bias, V3_SPEC)
+  assert bool((biased.experts == 3).any(-1).all())
+  assert not bool((plain.experts == 3).any(-1).all())
+  s = jax.nn.sigmoid(logits)
+  chosen = jnp.take_along_axis(s, biased.experts, -1)
+  np.testing.assert_allclose(biased.weights, chosen / chosen.sum(-1, keepdims=True) * 2.5, rtol=1e-6)
+  np.testing.assert_allclose(biased.scores, plain.scores)
+
+
+def test_sigmoid_weights_sum_to_routed_scale_and_softmax_weights_do_not():
+  logits = jax.random.normal(jax.random.key(3), (32, 16))
+  np.testing.assert_allclose(M.route(logits, None, V3_SPEC).weights.sum(-1), 2.5, rtol=1e-6)
+  v2 = M.route(logits, None, V2_SPEC)
+  np.testing.assert_allclose(v2.weights, jnp.take_along_axis(v2.scores, v2.experts, -1) * 16.0,
+                             rtol=1e-6)
+
+
+def test_router_math_is_float32_for_bfloat16_logits():
+  r = M.route(jnp.ones((4, 16), jnp.bfloat16), None, V3_SPEC)
+  assert r.scores.dtype == r.weights.dtype == jnp.float32
+
+
+def test_bias_update_moves_against_load():
+  bias = jnp.zeros((2, 4))
+  load = jnp.array([[10.0, 2.0, 6.0, 6.0], [1.0, 1.0, 1.0, 9.0]])  # means 6 and 3
+  new = M.update_router_bias(bias, load, 0.001)
+  np.testing.assert_allclose(new, [[-0.001, 0.001, 0.0, 0.0], [0.001, 0.001, 0.001, -0.001]])
+
+
+# Hand-computed example: 2 tokens, 4 experts, top-2, experts {0,1} on device 0, {2,3} on device 1.
+SCORES = jnp.array([[[0.8, 0.1, 0.6, 0.5],    # s' = [0.40, 0.05, 0.30, 0.25], picks {0, 2}
+                     [0.7, 0.6, 0.3, 0.4]]])  # s' = [0.35, 0.30, 0.15, 0.20], picks {0, 1}
+EXPERTS = jnp.array([[[0, 2], [0, 1]]])
+MASK = jnp.ones((1, 2))
+
+
+def test_sequence_wise_balance_loss_by_hand():
+  # f = 4/(2*2) * counts [2,1,1,0] = [2,1,1,0]; P = [0.375, 0.175, 0.225, 0.225]
+  f, p = M.balance_fractions(SCORES, EXPERTS, MASK)
+  np.testing.assert_allclose(f, [[2, 1, 1, 0]])
+  np.testing.assert_allclose(p, [[0.375, 0.175, 0.225, 0.225]], rtol=1e-6)
+  assert float(M.expert_balance_loss(f, p)) == pytest.approx(1.15)
+
+
+def test_expert_level_loss_sequence_vs_batch_scope_by_hand():
+  scores, experts, mask = SCORES.reshape(2, 1, 4), EXPERTS.reshape(2, 1, 2), jnp.ones((2, 1))
+  # batch scope: the same two tokens as above -> 1.15
+  assert float(M.expert_balance_loss(*M.balance_fractions(scores, experts, mask, "batch"))) \
+      == pytest.approx(1.15)
+  # sequence scope: seq 0 f=[2,0,2,0] P=s'0 -> 1.4; seq 1 f=[2,2,0,0] P=s'1 -> 1.3; mean 1.35
+  assert float(M.expert_balance_loss(*M.balance_fractions(scores, experts, mask, "sequence"))) \
+      == pytest.approx(1.35)
+
+
+def test_device_level_balance_loss_by_hand():
+  # f' = [mean(2,1), mean(1,0)] = [1.5, 0.5]; P' = [0.55, 0.45] -> 0.825 + 0.225
+  f, p = M.balance_fractions(SCORES, EXPERTS, MASK)
+  assert float(M.device_balance_loss(f, p, n_devices=2)) == pytest.approx(1.05)
+
+
+def test_communication_balance_loss_by_hand():
+  # M = 2: f'' = 2/(2*2) * [2 tokens sent to d0, 1 to d1] = [1.0, 0.5]; P'' = [0.55, 0.45]
+  _, p = M.balance_fractions(SCORES, EXPERTS, MASK)
+  assert float(M.comm_balance_loss(EXPERTS, MASK, p, n_devices=2, max_devices=2)) \
+      == pytest.approx(0.775)
+
+
+def test_padding_tokens_do_not_count_in_balance_statistics():
+  padded_scores = jnp.concatenate([SCORES, jnp.full((1, 1, 4), 0.9)], axis=1)
+  padded_experts = jnp.concatenate([EXPERTS, jnp.array([[[3, 1]]])], axis=1)
+  f, p = M.balance_fractions(padded_scores, padded_experts, jnp.array([[1.0, 1.0, 0.0]]))
+  assert float(M.expert_balance_loss(f, p)) == pytest.approx(1.15)
+
+
+def test_capacity_drops_lowest_affinity_first():
+  experts = jnp.array([0, 0, 0, 0, 1])
+  affinity = jnp.array([0.9, 0.2, 0.7, 0.5, 0.1])
+  capacity = M.expert_capacity(n_tokens=5, top_k=1, n_experts=2, capacity_factor=0.8)
+  assert capacity == 2
+  np.testing.assert_array_equal(M.capacity_keep(experts, affinity, 2, capacity),
+                                [True, False, True, False, True])
+
+
+def _moe(capacity_factor=None, routing=V3_SPEC, n_shared=1, impl="auto", seed=0):
+  return M.MoE(16, 16, n_shared, 8, routing=routing, router_bias=True,
+               capacity_factor=capacity_factor, balance_scope="sequence",
+               expert_balance_coef=1e-2, device_balance_coef=1e-2, comm_balance_coef=1e-2,
+               grouped_matmul_impl=impl, init_std=0.3, dtype="float32", param_dtype="float32",
+               rngs=nnx.Rngs(seed))
+
+
+def _oracle_forward(layer, x, mask):
+  """The same layer, with experts computed densely."""
+  b, t, d = x.shape
+  tokens = x.reshape(b * t, d)
+  routing = M.route(tokens @ layer.gate[...], layer.router_bias[...], layer.routing)
+  keep = None
+  if layer.capacity_factor is not None:
+    affinity = jnp.take_along_axis(routing.scores, routing.experts, -1).reshape(-1)
+    priority = jnp.where(jnp.repeat(mask.reshape(-1), routing.experts.shape[1]) > 0, affinity, -1.0)
+    cap = M.expert_capacity(b * t, routing.experts.shape[1], 16, layer.capacity_factor)
+    keep = M.capacity_keep(routing.experts.reshape(-1), priority, 16, cap)
+  y = M.moe_dense_oracle(tokens, routing, layer.w_gate[...], layer.w_up[...], layer.w_down[...], keep)
+  return (y + layer.shared(tokens[None])[0]).reshape(b, t, d)
+
+
+LOADS = {"random": None, "one_expert_gets_all": 0, "empty_experts": 1}
+
+
+@pytest.mark.parametrize("impl", ["tiled", "ragged_dot"])
+@pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["dropless", "capacity"])
+@pytest.mark.parametrize("load", sorted(LOADS))
+def test_sorted_grouped_experts_equal_dense_oracle_with_gradients(impl, capacity_factor, load):
+  layer = _moe(capacity_factor, impl=impl)
+  if LOADS[load] == 0:  # every token picks expert 5 (and one more)
+    layer.router_bias[...] = jnp.zeros(16).at[5].set(100.0)
+  elif LOADS[load] == 1:  # only experts 0-3 are ever chosen
+    layer.router_bias[...] = jnp.where(jnp.arange(16) < 4, 100.0, 0.0)
+  x = jax.random.normal(jax.random.key(4), (2, 12, 16))
+  mask = jnp.ones((2, 12)).at[1, 9:].set(0.0)
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+  def loss(params, x, oracle):
+    mod = nnx.merge(graphdef, params, rest)
+    y = _oracle_forward(mod, x, mask) if oracle else mod(x, mask)[0]
+    return (y * jnp.cos(jnp.arange(16.0))).sum(), y
+
+  (_, y), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x, False)
+  (_, y_ref), grads_ref = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x, True)
+  np.testing.assert_allclose(y, y_ref, atol=1e-4)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+    np.testing.assert_allclose(got, want, atol=1e-4)
+  if capacity_factor is not None and load != "random":
+    assert float(layer(x, mask)[1]["dropped"]) > 0  # the extreme loads overflow the capacity
+
+
+def test_moe_stats_report_load_drops_and_exclude_padding():
+  layer = _moe(capacity_factor=1.0)
+  layer.router_bias[...] = jnp.zeros(16).at[5].set(100.0)
+  x = jax.random.normal(jax.random.key(5), (2, 8, 16))
+  mask = jnp.ones((2, 8)).at[1, 6:].set(0.0)  # 14 real tokens
+  _, stats = layer(x, mask)
+  assert float(stats["load"].sum()) == 14 * 4 and float(stats["assignments"]) == 14 * 4
+  assert float(stats["load"][5]) == 14
+  capacity = M.expert_capacity(16, 4, 16, 1.0)  # = 4 slots per expert
+  routing = M.route(x.reshape(16, 16) @ layer.gate[...], layer.router_bias[...], layer.routing)
+  real = np.asarray(routing.experts)[np.asarray(mask).reshape(-1) > 0]
+  real_load = np.bincount(real.reshape(-1), minlength=16)
+  np.testing.assert_array_equal(stats["load"], real_load)
+  # padding yields its slots first, so each expert drops only its real tokens beyond capacity
+  assert float(stats["dropped"]) == np.maximum(real_load - capacity, 0).sum() >= 14 - capacity
+  for term in ("expert_balance", "device_balance", "comm_balance"):
+    assert stats[term].shape == () and float(stats[term]) > 0
+
+
+def test_router_bias_is_state_not_a_parameter():
+  layer = _moe()
+  params = nnx.state(layer, nnx.Param)
+  assert "router_bias" not in params and "gate" in params
+  assert "router_bias" in nnx.state(layer, M.RouterBias)
