@@ -2,9 +2,11 @@
 
 Counts come from the model's abstract shapes (``jax.eval_shape``: nothing is allocated, so the
 671B preset costs milliseconds) and are cross-checked against closed-form formulas in the tests.
-Conventions: "total" and "activated" describe the main model (DeepSeek's 671B / 37B for V3
-include the embedding and the output head); the MTP modules are counted separately (V3's hub
-total of 685B adds them). Router biases are state, not parameters, and are not counted.
+Conventions: "total" and "activated" describe the main model and include the embedding and the
+output head; the MTP modules are counted separately (V3's hub total of 685B adds them). The
+papers' activated figures are rounded and, for V2 / V2-Lite at least, leave out the input
+embedding (a lookup): ``activated - embedding`` reproduces them. Router biases are state, not
+parameters, and are not counted.
 """
 
 from __future__ import annotations
@@ -125,11 +127,13 @@ def forward_flops_per_token(c: ModelConfig, seq_len: int, include_mtp: bool = Tr
   norms = c.d_model * (1 + 2 * c.n_layers)
   q_norm = c.q_lora_rank or 0
   kv_norm = c.kv_lora_rank if c.attention_kind == "mla" else 0
-  matmul = counts.activated - counts.embedding - norms - c.n_layers * (q_norm + kv_norm)
+  head = c.d_model * c.vocab_size  # the output matmul happens whether or not it is tied
+  matmul = (counts.activated - counts.embedding - counts.head + head - norms
+            - c.n_layers * (q_norm + kv_norm))
   layers = c.n_layers
   if include_mtp and c.n_mtp_modules:
     per_module = counts.mtp_activated // c.n_mtp_modules - 5 * c.d_model - q_norm - kv_norm
-    matmul += c.n_mtp_modules * (per_module + counts.head)  # each module also runs the head
+    matmul += c.n_mtp_modules * (per_module + head)  # each module also runs the shared head
     layers += c.n_mtp_modules
   attention = 2 * c.n_heads * (c.qk_head_dim + c.v_head_dim) * (seq_len + 1) / 2 * layers
   return 2.0 * matmul + attention

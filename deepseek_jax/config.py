@@ -67,7 +67,7 @@ class ModelConfig:
   n_limited_groups: int = 1  # groups kept per token (V3: 4 of 8, V2: M = 3 of 8)
   group_score: str = "top2_sum"  # V3: sum of top-2 per group; V2: max per group
   router_bias: bool = False  # auxiliary-loss-free balancing bias (V3 §2.1.2)
-  capacity_factor: Optional[float] = None  # None = dropless (V3); V2 trained with 1.0
+  capacity_factor: Optional[float] = None  # None = dropless (V3); V2: 1.0 per device (group)
   balance_loss_scope: str = "sequence"  # sequence (V3 sequence-wise, V2 seq_aux) | batch
   expert_balance_coef: float = 0.0  # V3 alpha (1e-4) / V2 alpha_1
   device_balance_coef: float = 0.0  # V2 alpha_2
@@ -252,7 +252,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_expert_groups=1, n_limited_groups=1, expert_balance_coef=0.001,
         yarn_mscale=0.707, yarn_mscale_all_dim=0.707, **_YARN_40, **_V2_ROUTER),
     # DeepSeek-V2 (236B total, 21B activated); device-limited routing M=3 of 8.
-    # V2 was trained with device-level token dropping: add capacity_factor=1.0 to ablate it.
+    # V2 trained with device-level token dropping at capacity 1.0 (groups = devices):
+    # add capacity_factor=1.0 to train that way. Released weights run dropless.
     "deepseek-v2": dict(
         vocab_size=102400, d_model=5120, n_layers=60, n_dense_layers=1, dense_ffn_dim=12288,
         n_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,

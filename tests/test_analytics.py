@@ -82,6 +82,12 @@ def test_forward_flops_agree_with_xla_cost_analysis(overrides):
   assert ours <= xla <= 1.05 * ours
 
 
+def test_tying_the_head_changes_parameters_but_not_flops():
+  untied, tied = ModelConfig.preset("small"), ModelConfig.preset("small", tie_embeddings=True)
+  assert A.param_counts(untied).total - A.param_counts(tied).total == 512 * 256
+  assert A.forward_flops_per_token(tied, 256) == A.forward_flops_per_token(untied, 256)
+
+
 def test_train_flops_are_three_forwards_and_v3_is_about_250_gflops_per_token():
   v3 = ModelConfig.preset("deepseek-v3")
   assert A.train_flops_per_token(v3, 4096) == 3 * A.forward_flops_per_token(v3, 4096)

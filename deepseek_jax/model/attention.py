@@ -84,10 +84,17 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
 
 
 def self_attention_mask(positions, segment_ids, cache_len: Optional[int]) -> jax.Array:
-  """The mask for keys = current tokens (cache_len None) or = all cache slots."""
+  """The mask for keys = current tokens (cache_len None) or = all cache slots.
+
+  Without a cache, causality follows the token index, not ``positions``: positions only drive
+  RoPE, so packed rows with restarting positions cannot see later tokens (segment ids then
+  keep documents apart). With a cache, a query's position is its slot (see module docstring).
+  """
+  batch = positions.shape[0]
   if cache_len is None:
-    return attention_mask(positions, positions, segment_ids, segment_ids)
-  slots = jnp.broadcast_to(jnp.arange(cache_len), (positions.shape[0], cache_len))
+    index = jnp.broadcast_to(jnp.arange(positions.shape[1]), positions.shape)
+    return attention_mask(index, index, segment_ids, segment_ids)
+  slots = jnp.broadcast_to(jnp.arange(cache_len), (batch, cache_len))
   return attention_mask(positions, slots)
 
 

@@ -7,8 +7,8 @@ How it works
 ------------
 Keys and values are generated from one small latent per token:
 
-    c_KV = RMSNorm(h W_DKV)          [B,S,C]      the only per-head-free thing MLA caches,
-    k_R  = RoPE(h W_KR)              [B,S,R]      a rotary key shared by all heads (decoupled RoPE),
+    c_KV = RMSNorm(h W_DKV)          [B,S,C]      the compressed latent (cached),
+    k_R  = RoPE(h W_KR)              [B,S,R]      one rotary key shared by all heads (cached),
     k_n  = c_KV W_UK  [B,S,N,H],  v = c_KV W_UV  [B,S,N,V].
 
 Expanded path (training): build k = [k_n; k_R] and v per head and run ordinary attention.

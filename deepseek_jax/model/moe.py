@@ -5,7 +5,7 @@ K experts per token (top-k), F expert hidden, G expert groups, M = T*K assignmen
 
 How it works
 ------------
-    y = x + sum_shared FFN_s(x) + sum_{i in topK} g_i FFN_i(x)
+    MoE(x) = sum_shared FFN_s(x) + sum_{i in topK} g_i FFN_i(x)      (the block adds x)
 
 Routing (``route``), all in float32:
   s = softmax(x W_r) (V2) or sigmoid(x W_r) (V3).
@@ -18,11 +18,15 @@ Routing (``route``), all in float32:
 Balancing:
   - bias update (``update_router_bias``): after each step, b_i += gamma * sign(mean load - load_i)
     with the load counted over the whole *global* batch; the bias is state, not a parameter.
-  - balance losses: f_i = E/(K T) * #tokens choosing i, P_i = mean_t s'_{i,t} with s' = s / sum s,
-    per sequence (V3 sequence-wise; V2 seq_aux) or per batch. Expert-level alpha * sum f_i P_i,
-    device-level over groups-as-devices, communication-level over tokens sent to each device.
-Capacity: ``capacity_factor`` None is dropless (V3). Otherwise each expert keeps at most
-  ceil(cf * T * K / E) assignments, the highest-affinity ones (V2 drops lowest affinity first).
+  - balance losses: f_i = E/(K T) * #tokens routed to i, P_i = mean_t s'_{i,t} with
+    s' = s / sum s, per sequence (V3 sequence-wise; V2 seq_aux) or per batch. Expert-level
+    alpha * sum f_i P_i, device-level over groups-as-devices, communication-level over tokens
+    sent to each device. f counts the experts a token is actually routed to (bias and group
+    limit included), as V2 defines it; V3's eq. 17 writes the top-K of the unbiased s instead.
+Capacity: ``capacity_factor`` None is dropless (V3). Otherwise V2's device-level dropping: the
+  expert groups act as devices, each device keeps at most ceil(cf * T * K / D) of the
+  assignments sent to it (T = real tokens), and drops the lowest-affinity ones first.
+  Generation never drops (the model calls the layer with ``drop_tokens=False`` when decoding).
 
 Expert compute sorts the M assignments by expert and runs three grouped matmuls
 (``grouped_matmul``): only the chosen experts' FLOPs. ``moe_dense_oracle`` runs every expert on
@@ -32,7 +36,6 @@ every token and exists only to test that.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import NamedTuple, Optional
 
 import jax
@@ -118,9 +121,15 @@ def balance_fractions(scores, experts, mask, scope: str = "sequence"):
   return f, p
 
 
+def _mean_over_nonempty(per_row: jax.Array, nonempty: jax.Array) -> jax.Array:
+  """Average over the rows that hold real tokens (an all-padding row must not dilute it)."""
+  nonempty = nonempty.astype(jnp.float32)
+  return (per_row * nonempty).sum() / jnp.maximum(nonempty.sum(), 1.0)
+
+
 def expert_balance_loss(f: jax.Array, p: jax.Array) -> jax.Array:
   """sum_i f_i P_i, averaged over sequences (V3 sequence-wise / V2 expert-level, before alpha)."""
-  return (f * p).sum(-1).mean()
+  return _mean_over_nonempty((f * p).sum(-1), f.sum(-1) > 0)  # sum_i f_i = E for real rows
 
 
 def device_balance_loss(f: jax.Array, p: jax.Array, n_devices: int) -> jax.Array:
@@ -128,7 +137,7 @@ def device_balance_loss(f: jax.Array, p: jax.Array, n_devices: int) -> jax.Array
   s, e = f.shape
   f_dev = f.reshape(s, n_devices, e // n_devices).mean(-1)
   p_dev = p.reshape(s, n_devices, e // n_devices).sum(-1)
-  return (f_dev * p_dev).sum(-1).mean()
+  return _mean_over_nonempty((f_dev * p_dev).sum(-1), f.sum(-1) > 0)
 
 
 def comm_balance_loss(experts, mask, p, n_devices: int, max_devices: int,
@@ -141,22 +150,22 @@ def comm_balance_loss(experts, mask, p, n_devices: int, max_devices: int,
   n_tokens = jnp.maximum(mask.sum(-1, keepdims=True), 1.0)
   f_comm = n_devices / (max_devices * n_tokens) * sent.sum(1)
   p_dev = p.reshape(s, n_devices, e // n_devices).sum(-1)
-  return (f_comm * p_dev).sum(-1).mean()
+  return _mean_over_nonempty((f_comm * p_dev).sum(-1), mask.sum(-1) > 0)
 
 
 # --- expert computation ----------------------------------------------------------------------------
 
-def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
-  return max(1, math.ceil(capacity_factor * n_tokens * top_k / n_experts))
+def device_capacity(n_tokens, top_k: int, n_devices: int, capacity_factor: float) -> jax.Array:
+  """Assignments one device may keep: ceil(cf * T * K / D) (V2: cf = 1, the average load)."""
+  return jnp.maximum(jnp.ceil(capacity_factor * n_tokens * top_k / n_devices), 1.0)
 
 
-def capacity_keep(experts: jax.Array, priority: jax.Array, n_experts: int,
-                  capacity: int) -> jax.Array:
-  """keep [M]: True for the ``capacity`` highest-priority assignments of each expert."""
-  order = jnp.lexsort((-priority, experts))  # by expert, then priority descending
-  counts = jnp.zeros(n_experts, jnp.int32).at[experts].add(1)
+def capacity_keep(buckets: jax.Array, priority: jax.Array, n_buckets: int, capacity) -> jax.Array:
+  """keep [M]: True for the ``capacity`` highest-priority assignments of each bucket (device)."""
+  order = jnp.lexsort((-priority, buckets))  # by bucket, then priority descending
+  counts = jnp.zeros(n_buckets, jnp.int32).at[buckets].add(1)
   starts = jnp.cumsum(counts) - counts
-  rank_sorted = jnp.arange(experts.shape[0]) - starts[experts[order]]
+  rank_sorted = jnp.arange(buckets.shape[0]) - starts[buckets[order]]
   rank = jnp.zeros_like(rank_sorted).at[order].set(rank_sorted)
   return rank < capacity
 
@@ -219,8 +228,9 @@ class MoE(nnx.Module):
     self.impl = grouped_matmul_impl
     self.dtype = dtype
 
-  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None):
-    """x [B,T,D], mask [B,T] (1 = real token; padding is excluded from load and losses)."""
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None, drop_tokens: bool = True):
+    """x [B,T,D], mask [B,T] (1 = real token; padding is excluded from load, losses and
+    capacity). ``drop_tokens=False`` disables capacity dropping (inference)."""
     b, t, d = x.shape
     x = x.astype(self.dtype)
     mask = jnp.ones((b, t), jnp.float32) if mask is None else mask.astype(jnp.float32)
@@ -233,11 +243,13 @@ class MoE(nnx.Module):
     flat_mask = jnp.repeat(mask.reshape(-1), top_k)
 
     keep = None
-    if self.capacity_factor is not None:
+    if self.capacity_factor is not None and drop_tokens:
+      n_devices = self.routing.n_groups
+      device = routing.experts.reshape(-1) // (n_experts // n_devices)
       affinity = jnp.take_along_axis(routing.scores, routing.experts, -1).reshape(-1)
       priority = jnp.where(flat_mask > 0, affinity, -1.0)  # padding yields its slots first
-      capacity = expert_capacity(b * t, top_k, n_experts, self.capacity_factor)
-      keep = capacity_keep(routing.experts.reshape(-1), priority, n_experts, capacity)
+      capacity = device_capacity(mask.sum(), top_k, n_devices, self.capacity_factor)
+      keep = capacity_keep(device, priority, n_devices, capacity)
 
     y = routed_experts(tokens, routing, self.w_gate[...].astype(self.dtype),
                        self.w_up[...].astype(self.dtype), self.w_down[...].astype(self.dtype),

@@ -11,13 +11,15 @@ embedding of token t_{i+k}, and predicts t_{i+k+1}:
     h^k    = TRM_k(h'^k)                                           (a full transformer block)
     P^k_{i+k+1} = OutHead(RMSNorm_k(h^k_i))                        (embedding and head shared)
 
-h^0 is the main model's final (normed) hidden state. The concatenation order is
-[embedding; hidden], the order of the released V3 weights (``enorm``, ``hnorm``, ``eh_proj``;
-the paper writes the other order). Loss: L_MTP = (lambda / D) sum_k CE_k.
+h^0 is the main model's final normed hidden state and each depth hands RMSNorm_k(h^k) to the
+next, the representation its head reads (as vLLM's DeepSeek MTP does). The concatenation order
+is [embedding; hidden], the order of the released V3 weights (``enorm``, ``hnorm``,
+``eh_proj``; the paper writes the other order). Loss: L_MTP = (lambda / D) sum_k CE_k.
 
 Targets: with inputs x and next-token targets y (y_i = x_{i+1}), t_{i+k} = y_{i+k-1} and
 t_{i+k+1} = y_{i+k}; position i is scored only if y_{i+k} is a real target in the same
-packed segment as i.
+packed segment as i (whether y_i itself is scored does not matter: prompt masking in SFT
+still leaves the depth-k targets that fall in the answer).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def mtp_targets(targets: jax.Array, mask: jax.Array, segment_ids: Optional[jax.A
   """For depth k: (input tokens t_{i+k}, targets t_{i+k+1}, mask) all [B, T]."""
   inputs_k = shift_left(targets, k - 1)
   targets_k = shift_left(targets, k)
-  mask_k = shift_left(mask, k) * mask
+  mask_k = shift_left(mask, k)
   if segment_ids is not None:
     same_segment = shift_left(segment_ids, k, fill=-1) == segment_ids
     mask_k = mask_k * same_segment.astype(mask_k.dtype)
@@ -64,8 +66,8 @@ class MTPModule(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, h_prev, token_embedding, positions, *, segment_ids=None, mask=None):
-    """Returns (h^k [B,T,D] for the next depth, RMSNorm_k(h^k) for the head, MoE stats)."""
+    """Returns (RMSNorm_k(h^k) [B,T,D]: for the head and the next depth, MoE stats)."""
     joined = jnp.concatenate([self.enorm(token_embedding), self.hnorm(h_prev)], axis=-1)
     x = jnp.einsum("BTE,ED->BTD", joined.astype(self.dtype), self.eh_proj[...].astype(self.dtype))
     h, _, stats = self.block(x, positions, segment_ids=segment_ids, mask=mask)
-    return h, self.norm(h), stats
+    return self.norm(h), stats

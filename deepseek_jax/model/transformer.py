@@ -44,8 +44,8 @@ class Block(nnx.Module):
     h, cache = self.attention(self.attn_norm(x), positions, segment_ids=segment_ids, cache=cache,
                               cache_index=cache_index, absorb=absorb)
     x = x + h.astype(x.dtype)
-    if isinstance(self.ffn, MoE):
-      h, stats = self.ffn(self.ffn_norm(x), mask)
+    if isinstance(self.ffn, MoE):  # decoding (a cache is given) never drops tokens
+      h, stats = self.ffn(self.ffn_norm(x), mask, drop_tokens=cache is None)
     else:
       h, stats = self.ffn(self.ffn_norm(x)), None
     return x + h.astype(x.dtype), cache, stats
@@ -172,7 +172,7 @@ class DeepSeekModel(nnx.Module):
   def head(self, h: jax.Array) -> jax.Array:
     """Output head on normed hidden states; logits returned in float32."""
     if self.lm_head is None:
-      return self.embed.attend(h).astype(jnp.float32)
+      return self.embed.attend(h)
     dtype = self.config.dtype
     return jnp.einsum("BTD,DV->BTV", h.astype(dtype), self.lm_head[...].astype(dtype),
                       preferred_element_type=jnp.float32)
@@ -211,9 +211,8 @@ class DeepSeekModel(nnx.Module):
     outputs, h = [], hidden
     for k, module in enumerate(self.mtp, start=1):
       tokens_k, targets_k, mask_k = mtp_targets(targets, mask, segment_ids, k)
-      h, normed, stats = module(h, self.embed(tokens_k), positions, segment_ids=segment_ids,
-                                mask=mask_k)
-      outputs.append(MTPOutput(self.head(normed), targets_k, mask_k, stats))
+      h, stats = module(h, self.embed(tokens_k), positions, segment_ids=segment_ids, mask=mask_k)
+      outputs.append(MTPOutput(self.head(h), targets_k, mask_k, stats))
     return outputs
 
 

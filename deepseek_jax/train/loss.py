@@ -5,7 +5,8 @@
 Cross-entropy uses a float32 log-softmax and is averaged over unmasked targets. A batch is a
 dict of [B, T] arrays: ``inputs``, ``targets`` (targets[i] = inputs[i + 1]), ``mask`` (1 where
 the target counts) and optionally ``segment_ids`` / ``positions`` for packed rows and
-``token_mask`` (1 for real input tokens; defaults to ``mask``) for MoE load statistics.
+``token_mask`` (1 for real input tokens) for MoE load statistics and capacity; it defaults to
+``segment_ids > 0`` for packed rows, else to ``mask``.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ def loss_fn(model, batch: dict, *, mtp_weight: Optional[jax.Array] = None):
   inputs, targets = batch["inputs"], batch["targets"]
   mask = batch.get("mask", jnp.ones_like(targets)).astype(jnp.float32)
   segment_ids, positions = batch.get("segment_ids"), batch.get("positions")
-  out = model(inputs, positions=positions, segment_ids=segment_ids,
-              mask=batch.get("token_mask", mask))
+  token_mask = batch.get("token_mask")
+  if token_mask is None:
+    token_mask = mask if segment_ids is None else (segment_ids > 0).astype(jnp.float32)
+  out = model(inputs, positions=positions, segment_ids=segment_ids, mask=token_mask)
   ce = _mean_ce(out.logits, targets, mask)
   metrics = {"ce": ce, "tokens": mask.sum()}
 

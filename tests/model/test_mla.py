@@ -138,12 +138,31 @@ def test_mha_and_gqa_baselines_decode_with_kv_cache(overrides, model_with):
     init_cache(model.config, 1, 4, "latent")
 
 
+def test_training_forward_drops_tokens_but_decoding_never_does(make_model):
+  dropping = make_model(capacity_factor=0.25, init_std=0.1)
+  dropless = make_model(init_std=0.1)  # same seed, same weights
+  tokens = _tokens()
+  assert float(forward(dropping, tokens).moe_stats["dropped"].sum()) > 0
+  assert float(jnp.abs(forward(dropping, tokens).logits - forward(dropless, tokens).logits).max()) > 1e-3
+  np.testing.assert_allclose(_decode_token_by_token(dropping, tokens, "latent", absorb=True),
+                             forward(dropless, tokens).logits, atol=TOL, rtol=0)
+
+
 def test_attention_is_causal(model_with):
   model, tokens = model_with(), _tokens()
   changed = tokens.at[:, 8:].set((tokens[:, 8:] + 1) % 128)
   a, b = forward(model, tokens).logits, forward(model, changed).logits
   np.testing.assert_allclose(a[:, :8], b[:, :8], atol=1e-6)
   assert float(jnp.abs(a[:, 8:] - b[:, 8:]).max()) > 1e-3
+
+
+def test_restarting_positions_without_segment_ids_stay_causal(model_with):
+  model, tokens = model_with(), _tokens(1, 10)
+  positions = jnp.array([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]])  # packed rows, segment ids forgotten
+  changed = tokens.at[:, 7:].set((tokens[:, 7:] + 1) % 128)
+  a = forward(model, tokens, positions=positions).logits
+  b = forward(model, changed, positions=positions).logits
+  np.testing.assert_allclose(a[:, :7], b[:, :7], atol=1e-6)  # no token sees a later one
 
 
 def test_packed_segments_do_not_attend_across_boundaries(model_with):

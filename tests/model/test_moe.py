@@ -130,19 +130,25 @@ def test_communication_balance_loss_by_hand():
       == pytest.approx(0.775)
 
 
-def test_padding_tokens_do_not_count_in_balance_statistics():
+def test_padding_tokens_and_empty_rows_do_not_count_in_balance_losses():
   padded_scores = jnp.concatenate([SCORES, jnp.full((1, 1, 4), 0.9)], axis=1)
   padded_experts = jnp.concatenate([EXPERTS, jnp.array([[[3, 1]]])], axis=1)
-  f, p = M.balance_fractions(padded_scores, padded_experts, jnp.array([[1.0, 1.0, 0.0]]))
+  # a second sequence made only of padding must not dilute the per-sequence average
+  scores = jnp.concatenate([padded_scores, jnp.full((1, 3, 4), 0.5)])
+  experts = jnp.concatenate([padded_experts, jnp.zeros((1, 3, 2), jnp.int32)])
+  mask = jnp.array([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+  f, p = M.balance_fractions(scores, experts, mask)
   assert float(M.expert_balance_loss(f, p)) == pytest.approx(1.15)
+  assert float(M.device_balance_loss(f, p, 2)) == pytest.approx(1.05)
+  assert float(M.comm_balance_loss(experts, mask, p, 2, 2)) == pytest.approx(0.775)
 
 
-def test_capacity_drops_lowest_affinity_first():
-  experts = jnp.array([0, 0, 0, 0, 1])
+def test_capacity_drops_lowest_affinity_first_on_each_device():
+  devices = jnp.array([0, 0, 0, 0, 1])  # device 0 is sent 4 assignments, device 1 one
   affinity = jnp.array([0.9, 0.2, 0.7, 0.5, 0.1])
-  capacity = M.expert_capacity(n_tokens=5, top_k=1, n_experts=2, capacity_factor=0.8)
-  assert capacity == 2
-  np.testing.assert_array_equal(M.capacity_keep(experts, affinity, 2, capacity),
+  capacity = M.device_capacity(n_tokens=5, top_k=1, n_devices=2, capacity_factor=0.8)
+  assert float(capacity) == 2  # ceil(0.8 * 5 * 1 / 2)
+  np.testing.assert_array_equal(M.capacity_keep(devices, affinity, 2, capacity),
                                 [True, False, True, False, True])
 
 
@@ -160,16 +166,18 @@ def _oracle_forward(layer, x, mask):
   tokens = x.reshape(b * t, d)
   routing = M.route(tokens @ layer.gate[...], layer.router_bias[...], layer.routing)
   keep = None
-  if layer.capacity_factor is not None:
+  if layer.capacity_factor is not None:  # V2: groups are devices, each keeps its best cf*T*K/D
+    k, n_dev = routing.experts.shape[1], layer.routing.n_groups
     affinity = jnp.take_along_axis(routing.scores, routing.experts, -1).reshape(-1)
-    priority = jnp.where(jnp.repeat(mask.reshape(-1), routing.experts.shape[1]) > 0, affinity, -1.0)
-    cap = M.expert_capacity(b * t, routing.experts.shape[1], 16, layer.capacity_factor)
-    keep = M.capacity_keep(routing.experts.reshape(-1), priority, 16, cap)
+    priority = jnp.where(jnp.repeat(mask.reshape(-1), k) > 0, affinity, -1.0)
+    cap = M.device_capacity(mask.sum(), k, n_dev, layer.capacity_factor)
+    keep = M.capacity_keep(routing.experts.reshape(-1) // (16 // n_dev), priority, n_dev, cap)
   y = M.moe_dense_oracle(tokens, routing, layer.w_gate[...], layer.w_up[...], layer.w_down[...], keep)
   return (y + layer.shared(tokens[None])[0]).reshape(b, t, d)
 
 
 LOADS = {"random": None, "one_expert_gets_all": 0, "empty_experts": 1}
+# V3_SPEC keeps 2 of 4 groups of 4 experts: biasing one expert (or one group) overloads a device
 
 
 @pytest.mark.parametrize("impl", ["tiled", "ragged_dot"])
@@ -207,13 +215,26 @@ def test_moe_stats_report_load_drops_and_exclude_padding():
   _, stats = layer(x, mask)
   assert float(stats["load"].sum()) == 14 * 4 and float(stats["assignments"]) == 14 * 4
   assert float(stats["load"][5]) == 14
-  capacity = M.expert_capacity(16, 4, 16, 1.0)  # = 4 slots per expert
+  capacity = 14 * 4 / 4  # cf * T_real * K / D: 14 assignments per device (group of 4 experts)
   routing = M.route(x.reshape(16, 16) @ layer.gate[...], layer.router_bias[...], layer.routing)
   real = np.asarray(routing.experts)[np.asarray(mask).reshape(-1) > 0]
   real_load = np.bincount(real.reshape(-1), minlength=16)
   np.testing.assert_array_equal(stats["load"], real_load)
-  # padding yields its slots first, so each expert drops only its real tokens beyond capacity
-  assert float(stats["dropped"]) == np.maximum(real_load - capacity, 0).sum() >= 14 - capacity
+  device_load = real_load.reshape(4, 4).sum(-1)
+  assert device_load.max() > capacity  # expert 5's device is overloaded
+  # padding yields its slots first, so each device drops only real assignments past capacity
+  assert float(stats["dropped"]) == np.maximum(device_load - capacity, 0).sum() > 0
+
+
+def test_drop_tokens_false_runs_dropless():
+  layer = _moe(capacity_factor=0.25)
+  x = jax.random.normal(jax.random.key(6), (2, 8, 16))
+  y_drop, stats = layer(x)
+  y_keep, stats_keep = layer(x, drop_tokens=False)
+  assert float(stats["dropped"]) > 0 and float(stats_keep["dropped"]) == 0
+  dropless = _moe(capacity_factor=None)  # same seed, same weights
+  np.testing.assert_allclose(y_keep, dropless(x)[0], atol=1e-6)
+  assert float(jnp.abs(y_drop - y_keep).max()) > 1e-3
   for term in ("expert_balance", "device_balance", "comm_balance"):
     assert stats[term].shape == () and float(stats[term]) > 0
 

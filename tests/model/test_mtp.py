@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from deepseek_jax.model.mtp import mtp_targets
 from deepseek_jax.model.transformer import forward
@@ -21,6 +22,13 @@ def test_mtp_targets_shift_by_depth():
   np.testing.assert_array_equal(mask_2, [[1, 1, 1, 0, 0]])
 
 
+def test_mtp_scores_answer_targets_even_when_the_prompt_is_masked():
+  targets = jnp.array([[11, 12, 13, 14, 15, 0]])
+  mask = jnp.array([[0, 0, 1, 1, 1, 0]])  # SFT: only the answer's targets count
+  _, _, mask_1 = mtp_targets(targets, mask, None, 1)
+  np.testing.assert_array_equal(mask_1, [[0, 1, 1, 1, 0, 0]])  # position 1 predicts t_3 = 13
+
+
 def test_mtp_mask_respects_padding_and_packed_segments():
   targets = jnp.array([[11, 12, 13, 21, 22, 0]])
   mask = jnp.array([[1, 1, 1, 1, 1, 0]])
@@ -30,18 +38,20 @@ def test_mtp_mask_respects_padding_and_packed_segments():
   np.testing.assert_array_equal(mask_1, [[1, 1, 0, 1, 0, 0]])
 
 
-def test_mtp_logits_at_i_depend_on_token_i_plus_1_and_nothing_later(make_model):
-  model = make_model(init_std=0.1)
+@pytest.mark.parametrize("depth", [1, 2])
+def test_mtp_logits_at_i_depend_on_token_i_plus_k_and_nothing_later(make_model, depth):
+  model = make_model(init_std=0.1, n_mtp_modules=2)
   tokens = jax.random.randint(jax.random.key(0), (1, 10), 0, 128)
   targets = jnp.concatenate([tokens[:, 1:], jnp.array([[7]])], axis=1)
   mask = jnp.ones((1, 10))
   hidden = forward(model, tokens).hidden
 
   @jax.jit
-  def depth1(targets):
-    return model.mtp_forward(hidden, targets, mask)[0].logits
+  def logits(targets):
+    return model.mtp_forward(hidden, targets, mask)[depth - 1].logits
 
-  base = depth1(targets)
-  changed = depth1(targets.at[0, 5].set((targets[0, 5] + 1) % 128))  # t_6 changes
+  base = logits(targets)
+  j = 5 + depth - 1  # targets[j] = t_{j+1} = t_{5+depth}
+  changed = logits(targets.at[0, j].set((targets[0, j] + 1) % 128))
   np.testing.assert_allclose(base[:, :5], changed[:, :5], atol=1e-6)  # positions < 5 unaffected
-  assert float(jnp.abs(base[:, 5] - changed[:, 5]).max()) > 1e-3  # position 5 reads t_6
+  assert float(jnp.abs(base[:, 5] - changed[:, 5]).max()) > 1e-3  # position 5 reads t_{5+k}
