@@ -262,9 +262,10 @@ class MoE(nnx.Module):
     f, p = balance_fractions(scores, experts, mask, self.balance_scope)
     expert_coef, device_coef, comm_coef = self.coefs
     n_groups = self.routing.n_groups
+    dropped = jnp.zeros(()) if keep is None else jnp.where(keep, 0.0, flat_mask).sum()
     stats = {
         "load": jnp.zeros(n_experts, jnp.float32).at[routing.experts.reshape(-1)].add(flat_mask),
-        "dropped": (0.0 if keep is None else ((1.0 - keep) * flat_mask).sum()) * jnp.ones(()),
+        "dropped": dropped,
         "assignments": flat_mask.sum(),
         "expert_balance": expert_coef * expert_balance_loss(f, p),
         "device_balance": device_coef * device_balance_loss(f, p, n_groups),
