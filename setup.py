@@ -19,13 +19,15 @@ setup(
         "ml-collections",
         "absl-py",
         "numpy",
+        "grain",  # the data pipeline
+        "tensorboardX",  # event files for TensorBoard without TensorFlow
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist"],
+        "test": ["pytest>=8", "pytest-xdist", "tokenizers"],
         "tpu": ["jax[tpu]>=0.10.2,<0.12"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.12"],
         # torch is pinned: an unpinned torch pulls several GB of CUDA wheels.
-        "hf": ["torch==2.13.0", "transformers>=5.0", "safetensors"],
+        "hf": ["torch==2.13.0", "transformers>=5.0", "safetensors", "tokenizers"],
         "notebooks": ["jupyter", "matplotlib"],
     },
 )

@@ -144,15 +144,21 @@ def train_flops_per_token(c: ModelConfig, seq_len: int, include_mtp: bool = True
   return 3.0 * forward_flops_per_token(c, seq_len, include_mtp)
 
 
+def _count(n: float) -> str:
+  for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+    if n >= size:
+      return f"{n / size:.2f}{unit}"
+  return f"{n:.0f}"
+
+
 def summary(c: ModelConfig, seq_len: int = 4096) -> str:
   p = param_counts(c)
-  lines = [
-      f"preset {c.name}: {p.total / 1e9:.3f}B total, {p.activated / 1e9:.3f}B activated "
-      f"(+ MTP {p.mtp / 1e9:.3f}B)",
-      f"KV cache per token (bf16): latent {kv_cache_bytes_per_token(c, 'latent'):,} B, "
-      f"expanded {kv_cache_bytes_per_token(c, 'expanded'):,} B"
-      if c.attention_kind == "mla" else
-      f"KV cache per token (bf16): {kv_cache_bytes_per_token(c, 'expanded'):,} B",
-      f"training FLOPs per token at T={seq_len}: {train_flops_per_token(c, seq_len) / 1e9:.1f} GFLOP",
-  ]
-  return "\n".join(lines)
+  cache = (f"latent {kv_cache_bytes_per_token(c, 'latent'):,} B, expanded "
+           f"{kv_cache_bytes_per_token(c, 'expanded'):,} B" if c.attention_kind == "mla" else
+           f"{kv_cache_bytes_per_token(c, 'expanded'):,} B")
+  return "\n".join([
+      f"preset {c.name}: {_count(p.total)} total, {_count(p.activated)} activated parameters "
+      f"(+ MTP {_count(p.mtp)})",
+      f"KV cache per token (bf16): {cache}",
+      f"training FLOPs per token at T={seq_len}: {_count(train_flops_per_token(c, seq_len))}",
+  ])

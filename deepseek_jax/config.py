@@ -20,6 +20,7 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
 BALANCE_SCOPES = ("sequence", "batch")
 GROUPED_MATMUL_IMPLS = ("auto", "ragged_dot", "tiled")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -84,6 +85,10 @@ class ModelConfig:
   tie_embeddings: bool = False
   dtype: str = "float32"  # activation / matmul dtype
   param_dtype: str = "float32"
+
+  # --- execution (no effect on the function computed) ---
+  scan_layers: bool = True  # lax.scan over each stack (compile time independent of depth)
+  remat_policy: str = "none"  # none | full | dots | dots_no_batch (activation checkpointing)
 
   def __post_init__(self):
     _validate(self)
@@ -216,6 +221,8 @@ def _validate(c: ModelConfig) -> None:
   _require(c.init_std > 0, "init_std", "must be positive")
   for f in ("dtype", "param_dtype"):
     _require(getattr(c, f) in DTYPES, f, f"must be one of {DTYPES}, got {getattr(c, f)!r}")
+  _require(c.remat_policy in REMAT_POLICIES, "remat_policy",
+           f"must be one of {REMAT_POLICIES}, got {c.remat_policy!r}")
 
 
 _V3_ROUTER = dict(score_func="sigmoid", norm_topk_prob=True, group_score="top2_sum",

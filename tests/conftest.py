@@ -1,12 +1,20 @@
-"""Shared fixtures: tiny float32 models on CPU, built once per configuration."""
+"""Shared fixtures: tiny float32 models on CPU, built once per configuration.
+
+In-process tests see 8 fake CPU devices (mesh tests need them; everything else runs on device
+0). Tests that launch the trainer do so in subprocesses with their own environment.
+"""
 
 import functools
+import os
 
-import jax
-import pytest
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
 
-from deepseek_jax.config import ModelConfig
-from deepseek_jax.model.transformer import create_model
+import jax  # noqa: E402  (after XLA_FLAGS)
+import pytest  # noqa: E402
+
+from deepseek_jax.config import ModelConfig  # noqa: E402
+from deepseek_jax.model.transformer import create_model  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -76,6 +76,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
   """softmax(q k^T * scale) v with grouped heads: q [B,T,N,H], k [B,S,K,H], v [B,S,K,V]."""
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
+  if kv_heads == n:  # MHA / expanded MLA: plain 4-D contractions, no group axis to transpose
+    scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * scale
+    probs = masked_softmax(scores, mask)
+    return jnp.einsum("BNTS,BSNV->BTNV", probs.astype(v.dtype), v)
   q = q.reshape(b, t, kv_heads, n // kv_heads, h)
   scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
   probs = masked_softmax(scores, mask[:, :, None])

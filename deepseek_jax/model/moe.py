@@ -80,7 +80,7 @@ def route(logits: jax.Array, bias: Optional[jax.Array], spec: RoutingSpec) -> Ro
     else:
       group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)
     _, kept = jax.lax.top_k(group_scores, spec.n_limited_groups)
-    group_mask = jnp.zeros((t, spec.n_groups), bool).at[jnp.arange(t)[:, None], kept].set(True)
+    group_mask = jax.nn.one_hot(kept, spec.n_groups, dtype=jnp.bool_).any(-2)
     choice = jnp.where(jnp.repeat(group_mask, e // spec.n_groups, axis=1), choice, -jnp.inf)
   _, experts = jax.lax.top_k(choice, spec.top_k)
   weights = jnp.take_along_axis(scores, experts, axis=-1)
@@ -182,14 +182,16 @@ def routed_experts(x, routing: Routing, w_gate, w_up, w_down, keep=None, *, impl
   if keep is not None:  # dropped assignments sort past every group and get zero weight
     flat_expert = jnp.where(keep, flat_expert, n_experts)
     weights = weights * keep.reshape(t, top_k)
+  # Sorting, counting and un-sorting without scatters (XLA:CPU runs scatters as loops).
   order = jnp.argsort(flat_expert, stable=True)
-  group_sizes = jnp.zeros(n_experts, jnp.int32).at[flat_expert].add(1, mode="drop")
+  sorted_expert = flat_expert[order]
+  bounds = jnp.searchsorted(sorted_expert, jnp.arange(n_experts + 1), side="left")
+  group_sizes = (bounds[1:] - bounds[:-1]).astype(jnp.int32)  # dropped (id E) sort past the end
   x_sorted = x[order // top_k]
   gate = grouped_matmul(x_sorted, w_gate, group_sizes, impl=impl)
   up = grouped_matmul(x_sorted, w_up, group_sizes, impl=impl)
   out_sorted = grouped_matmul(jax.nn.silu(gate) * up, w_down, group_sizes, impl=impl)
-  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
-  out = out_sorted[inverse].reshape(t, top_k, -1)
+  out = out_sorted[jnp.argsort(order)].reshape(t, top_k, -1)
   return jnp.einsum("TKD,TK->TD", out.astype(jnp.float32), weights).astype(x.dtype)
 
 
@@ -264,7 +266,8 @@ class MoE(nnx.Module):
     n_groups = self.routing.n_groups
     dropped = jnp.zeros(()) if keep is None else jnp.where(keep, 0.0, flat_mask).sum()
     stats = {
-        "load": jnp.zeros(n_experts, jnp.float32).at[routing.experts.reshape(-1)].add(flat_mask),
+        "load": jnp.einsum("M,ME->E", flat_mask,
+                           jax.nn.one_hot(routing.experts.reshape(-1), n_experts)),
         "dropped": dropped,
         "assignments": flat_mask.sum(),
         "expert_balance": expert_coef * expert_balance_loss(f, p),

@@ -92,9 +92,20 @@ def stack_blocks(cfg: ModelConfig, n: int, moe: bool, rngs: nnx.Rngs) -> Optiona
   return create(rngs)
 
 
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 def scan_blocks(stack: Optional[Block], x, positions, *, segment_ids=None, mask=None, cache=None,
-                cache_index=None, absorb=False):
-  """Run a stacked Block over its layer axis. Returns (x, stacked cache, stacked MoE stats)."""
+                cache_index=None, absorb=False, scan_layers=True, remat_policy="none"):
+  """Run a stacked Block over its layer axis. Returns (x, stacked cache, stacked MoE stats).
+
+  ``scan_layers=False`` unrolls the loop (same parameters, compile time grows with depth);
+  ``remat_policy`` recomputes each layer's activations in the backward pass per the policy.
+  """
   if stack is None:
     return x, cache, None
   graphdef, state = nnx.split(stack)
@@ -109,7 +120,10 @@ def scan_blocks(stack: Optional[Block], x, positions, *, segment_ids=None, mask=
         absorb=absorb)
     return (x, None if view is None else view.stacked), stats
 
-  (x, cache), stats = jax.lax.scan(layer, (x, cache), (state, jnp.arange(n_layers)))
+  if remat_policy != "none":
+    layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[remat_policy], prevent_cse=False)
+  (x, cache), stats = jax.lax.scan(layer, (x, cache), (state, jnp.arange(n_layers)),
+                                   unroll=1 if scan_layers else n_layers)
   return x, cache, stats
 
 
@@ -193,7 +207,9 @@ class DeepSeekModel(nnx.Module):
       positions = cache_index[:, None] + jnp.arange(t)[None]
     elif positions is None:
       positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    kw = dict(segment_ids=segment_ids, mask=mask, cache_index=cache_index, absorb=absorb)
+    cfg = self.config
+    kw = dict(segment_ids=segment_ids, mask=mask, cache_index=cache_index, absorb=absorb,
+              scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy)
     x = self.embed(tokens)
     x, dense_cache, _ = scan_blocks(self.dense_layers, x, positions,
                                     cache=None if cache is None else cache.dense, **kw)
@@ -253,19 +269,21 @@ def abstract_model(cfg: ModelConfig) -> DeepSeekModel:
   return nnx.eval_shape(lambda: DeepSeekModel(cfg, rngs=nnx.Rngs(0)))
 
 
-def create_model(cfg: ModelConfig, seed: int = 0) -> DeepSeekModel:
+def create_model(cfg: ModelConfig, seed: int = 0, *, shardings=None) -> DeepSeekModel:
   """Build and initialise ``DeepSeekModel(cfg)`` as one compiled program.
 
   Eager construction dispatches and compiles every initialiser separately (~10 s for the tiny
-  preset on CPU); this compiles one program per config (~3 s) and reuses it.
+  preset on CPU); this compiles one program per config (~3 s). With ``shardings`` (a tree of
+  NamedSharding matching ``nnx.state(model)``) every weight is created directly in its shards,
+  so a model larger than one device never exists whole.
   """
   graphdef, _ = nnx.split(abstract_model(cfg))
-  return nnx.merge(graphdef, _init_state(cfg, jax.random.key(seed)))
+  # Initialisation runs once: the XLA backend's expensive passes buy nothing but compile time.
+  init = jax.jit(_init_state, static_argnums=0, out_shardings=shardings,
+                 compiler_options={"xla_backend_optimization_level": 0})
+  return nnx.merge(graphdef, init(cfg, jax.random.key(seed)))
 
 
-# Initialisation runs once: the XLA backend's expensive passes buy nothing but compile time.
-@functools.partial(jax.jit, static_argnums=0,
-                   compiler_options={"xla_backend_optimization_level": 0})
 def _init_state(cfg: ModelConfig, key: jax.Array):
   return nnx.state(DeepSeekModel(cfg, rngs=nnx.Rngs(params=key)))
 

@@ -1,1 +1,1 @@
-"""Training pieces: the loss (this issue); train step, optimizer, data, checkpoints follow."""
+"""Training: loss, optimizer, data pipeline, train step, checkpoints, metrics and the trainer."""

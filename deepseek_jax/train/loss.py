@@ -11,10 +11,12 @@ the target counts) and optionally ``segment_ids`` / ``positions`` for packed row
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+
+from deepseek_jax.model.mtp import mtp_targets
 
 BALANCE_TERMS = ("expert_balance", "device_balance", "comm_balance")
 
@@ -28,13 +30,30 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array):
   return ((log_z - target_logit) * mask).sum(), mask.sum()
 
 
-def _mean_ce(logits, targets, mask) -> jax.Array:
-  total, count = cross_entropy(logits, targets, mask)
-  return total / jnp.maximum(count, 1.0)
+class Normalizers(NamedTuple):
+  """Divisors that make every loss term additive over micro-batches (gradient accumulation):
+  CE and each MTP depth divide by their token counts over the *whole* batch, and the balance
+  terms (means over sequences) are scaled by 1 / number of micro-batches."""
+
+  ce: jax.Array  # scalar
+  mtp: jax.Array  # [D]
+  balance: jax.Array  # scalar
 
 
-def loss_fn(model, batch: dict, *, mtp_weight: Optional[jax.Array] = None):
-  """Returns (total loss, metrics). ``mtp_weight`` overrides config.mtp_loss_weight (schedules)."""
+def batch_normalizers(batch: dict, n_mtp_modules: int, n_micro: int = 1) -> Normalizers:
+  targets = batch["targets"]
+  mask = batch.get("mask", jnp.ones_like(targets)).astype(jnp.float32)
+  mtp = [mtp_targets(targets, mask, batch.get("segment_ids"), k)[2].sum()
+         for k in range(1, n_mtp_modules + 1)]
+  return Normalizers(jnp.maximum(mask.sum(), 1.0),
+                     jnp.maximum(jnp.stack(mtp), 1.0) if mtp else jnp.ones((0,)),
+                     jnp.float32(1.0 / n_micro))
+
+
+def loss_fn(model, batch: dict, *, mtp_weight: Optional[jax.Array] = None,
+            normalizers: Optional[Normalizers] = None):
+  """Returns (total loss, metrics). ``mtp_weight`` overrides config.mtp_loss_weight (schedules);
+  ``normalizers`` default to this batch's own counts (see ``Normalizers``)."""
   cfg = model.config
   inputs, targets = batch["inputs"], batch["targets"]
   mask = batch.get("mask", jnp.ones_like(targets)).astype(jnp.float32)
@@ -42,8 +61,9 @@ def loss_fn(model, batch: dict, *, mtp_weight: Optional[jax.Array] = None):
   token_mask = batch.get("token_mask")
   if token_mask is None:
     token_mask = mask if segment_ids is None else (segment_ids > 0).astype(jnp.float32)
+  norm = batch_normalizers(batch, cfg.n_mtp_modules) if normalizers is None else normalizers
   out = model(inputs, positions=positions, segment_ids=segment_ids, mask=token_mask)
-  ce = _mean_ce(out.logits, targets, mask)
+  ce = cross_entropy(out.logits, targets, mask)[0] / norm.ce
   metrics = {"ce": ce, "tokens": mask.sum()}
 
   stats = [out.moe_stats] if out.moe_stats is not None else []
@@ -52,7 +72,7 @@ def loss_fn(model, batch: dict, *, mtp_weight: Optional[jax.Array] = None):
     lam = cfg.mtp_loss_weight if mtp_weight is None else mtp_weight
     for k, mtp in enumerate(model.mtp_forward(out.hidden, targets, mask, positions=positions,
                                               segment_ids=segment_ids), start=1):
-      ce_k = _mean_ce(mtp.logits, mtp.targets, mtp.mask)
+      ce_k = cross_entropy(mtp.logits, mtp.targets, mtp.mask)[0] / norm.mtp[k - 1]
       metrics[f"mtp_ce_{k}"] = ce_k
       mtp_total = mtp_total + ce_k
       if mtp.moe_stats is not None:
@@ -64,10 +84,12 @@ def loss_fn(model, batch: dict, *, mtp_weight: Optional[jax.Array] = None):
   if stats:  # MoE layers of the main stack, then those inside MTP modules
     stats = jax.tree.map(lambda *a: jnp.concatenate(a), *stats)
     for term in BALANCE_TERMS:
-      metrics[term] = stats[term].sum()
+      metrics[term] = stats[term].sum() * norm.balance
       total = total + metrics[term]
     metrics["expert_load"] = stats["load"]  # [layers, E]: feed to router_bias_update
-    metrics["dropped_fraction"] = stats["dropped"].sum() / jnp.maximum(stats["assignments"].sum(), 1)
+    metrics["dropped"] = stats["dropped"].sum()
+    metrics["assignments"] = stats["assignments"].sum()
+    metrics["dropped_fraction"] = metrics["dropped"] / jnp.maximum(metrics["assignments"], 1)
   metrics["mtp_loss"] = mtp_total
   metrics["loss"] = total
   return total, metrics

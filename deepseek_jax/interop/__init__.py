@@ -1,0 +1,1 @@
+"""Interoperability with HuggingFace transformers (configs now; weights follow)."""

@@ -1,0 +1,166 @@
+"""The experiment config: every field a run reads, with its default, and the checks that run
+before anything is compiled.
+
+Experiment files (``experiments/configs/*.py``) start from ``default_config()`` and change
+fields; the command line changes any field with ``--config.a.b=value``. ``validate`` rejects
+unknown fields (a typo in a config file) and impossible combinations, naming the field and
+the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+
+import ml_collections
+
+from deepseek_jax.config import ModelConfig
+
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def model_overrides() -> ml_collections.ConfigDict:
+  """Every ModelConfig field as a typed placeholder: None keeps the preset's value, so
+  ``--config.model.overrides.d_model=512`` parses as an int and a misspelt field fails."""
+  fields = {}
+  for f in dataclasses.fields(ModelConfig):
+    if f.name == "name":
+      continue
+    type_name = str(f.type).replace("Optional[", "").rstrip("]")
+    fields[f.name] = ml_collections.config_dict.placeholder(_TYPES[type_name])
+  return ml_collections.ConfigDict(fields)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "small"
+  # Any ModelConfig field; None keeps the preset's value (e.g. overrides.attention_kind="gqa").
+  c.model.overrides = model_overrides()
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "corpus"  # corpus | text | tokens
+  c.data.corpus_documents = 20000
+  c.data.corpus_seed = 0
+  c.data.text_glob = ""
+  c.data.tokens_path = ""
+  c.data.tokenizer = "byte"  # byte | hf
+  c.data.tokenizer_path = ""  # tokenizer.json when tokenizer == "hf"
+  c.data.bos_token = ml_collections.config_dict.placeholder(str)
+  c.data.eos_token = ml_collections.config_dict.placeholder(str)
+  c.data.pad_token = ml_collections.config_dict.placeholder(str)
+  c.data.packing = True  # False: one chunk per row, padded
+  c.data.packing_bins = 64
+  c.data.eval_every = 50  # every 50th document is held out
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 600
+  c.train.batch_size = 16  # global, in sequences
+  c.train.seq_len = 256
+  c.train.grad_accum = 1
+  c.train.log_every = 20
+  c.train.eval_every = 0  # 0: no periodic eval
+  c.train.eval_batches = 8
+  c.train.mtp_weight = ((0, 0.3),)  # (start step, lambda) pieces; V3: 0.3 then 0.1
+  c.train.router_bias_rate = ((0, 0.001),)  # (start step, gamma) pieces; V3: 0.001 then 0
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 3e-3
+  c.optimizer.schedule = "cosine"  # cosine | wsd | constant
+  c.optimizer.warmup_steps = 50
+  c.optimizer.total_steps = -1  # length of the LR schedule; -1 = train.steps
+  c.optimizer.final_lr_fraction = 0.1
+  c.optimizer.decay_fraction = 0.2  # wsd only
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.1
+  c.optimizer.grad_clip_norm = 1.0
+  c.optimizer.moment_dtype = "float32"  # bfloat16: both Adam moments in bf16 (V3)
+
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=1, tensor=1))
+  c.partitioning = ml_collections.ConfigDict(dict(rules="fsdp"))
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 100
+  c.checkpoint.keep = 3
+  c.checkpoint.async_save = True
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = "auto"  # auto (when launched as several processes) | always | never
+  c.distributed.coordinator = ""  # host:port; empty = from the environment
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
+
+  c.metrics = ml_collections.ConfigDict()
+  c.metrics.peak_flops_per_device = 0.0  # 0: look up the device, or measure it on CPU
+  c.metrics.tensorboard = True
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.prompts = ("Mia lives in", "Q: Where does Leo live?\nA:", "12 + 7 =")
+  c.sample.max_new_tokens = 48
+  c.sample.temperature = 0.0
+  return c
+
+
+def schedule_steps(config) -> int:
+  """The LR schedule's length: optimizer.total_steps, or train.steps when it is -1."""
+  total = config.optimizer.total_steps
+  return config.train.steps if total < 0 else total
+
+
+def model_config(config) -> ModelConfig:
+  """The ModelConfig of an experiment config (validated by ModelConfig itself)."""
+  overrides = {k: v for k, v in config.model.overrides.items() if v is not None}
+  overrides.setdefault("max_seq_len", max(ModelConfig.preset(config.model.preset).max_seq_len,
+                                          config.train.seq_len))
+  return ModelConfig.preset(config.model.preset, **overrides)
+
+
+def _unknown_fields(config, schema, prefix="") -> list[str]:
+  unknown = []
+  for key in config.keys():
+    if key not in schema:
+      unknown.append(prefix + key)
+    elif isinstance(schema[key], ml_collections.ConfigDict):
+      unknown += _unknown_fields(config[key], schema[key], f"{prefix}{key}.")
+  return unknown
+
+
+def _fail(field: str, message: str):
+  raise ValueError(f"config.{field}: {message}")
+
+
+def validate(config, n_processes: int, batch_shards: int) -> ModelConfig:
+  """Every check that does not need the model compiled. Returns the ModelConfig."""
+  unknown = _unknown_fields(config, default_config())
+  if unknown:
+    raise ValueError(f"unknown config field(s) {unknown}; see deepseek_jax/train/config.py")
+  model = model_config(config)
+  t = config.train
+  for field in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
+    if t[field] <= 0:
+      _fail(f"train.{field}", f"must be positive, got {t[field]}")
+  if t.batch_size % t.grad_accum:
+    _fail("train.batch_size", f"{t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+  micro = t.batch_size // t.grad_accum
+  need = math.lcm(batch_shards, n_processes)
+  if micro % need:
+    _fail("train.batch_size", f"the micro-batch of {micro} sequences (batch_size / grad_accum) "
+          f"must be divisible by the mesh's batch axes data*fsdp*expert={batch_shards} and by the "
+          f"{n_processes} process(es); use a multiple of {need}")
+  if 0 <= config.optimizer.total_steps < t.steps:
+    _fail("optimizer.total_steps", f"{config.optimizer.total_steps} < train.steps={t.steps}: the "
+          "schedule would end before training does (-1 = train.steps)")
+  if config.checkpoint.every <= 0 or config.checkpoint.keep <= 0:
+    _fail("checkpoint.every", "checkpoint.every and checkpoint.keep must be positive")
+  if config.data.packing_bins <= 0:
+    _fail("data.packing_bins", "must be positive")
+  for field in ("mtp_weight", "router_bias_rate"):
+    pieces = list(t[field])
+    if not pieces or pieces[0][0] != 0:
+      _fail(f"train.{field}", f"must be ((0, value), (step, value), ...), got {t[field]}")
+  return model

@@ -1,0 +1,196 @@
+"""Data: tokenizers, document sources and the grain pipeline that feeds the train step.
+
+    documents -> tokens [BOS ... EOS] -> chunks of <= T+1 tokens -> (inputs, targets) pairs
+      -> seeded shuffle (reshuffled every epoch) -> this process's shard -> repeat
+      -> packing (several documents per row, with segment ids and positions) or padding
+      -> batches of global_batch / process_count rows
+
+Every row position either has a real next-token target inside its own document (mask 1) or is
+padding (mask 0, segment id 0), which is what the loss and the attention mask expect. The
+iterator is a grain ``DatasetIterator``: its state is saved with each checkpoint, so a resumed
+run reads exactly the batches an uninterrupted run would have read.
+
+Sources (``data.source``): ``corpus`` (the embedded generated corpus, no network), ``text``
+(files matching ``data.text_glob``, one document per blank-line-separated paragraph) and
+``tokens`` (a .npy of token ids: a 1-D stream split at EOS, or 2-D rows). Tokenizers: ``byte``
+(UTF-8 bytes + pad/bos/eos, 259 ids) or ``hf`` (a HuggingFace ``tokenizer.json``).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Optional
+
+import grain
+import numpy as np
+
+from deepseek_jax.train.corpus import generate_corpus
+
+
+class ByteTokenizer:
+  """UTF-8 bytes shifted by 3; 0 = pad, 1 = bos, 2 = eos."""
+
+  pad_id, bos_id, eos_id = 0, 1, 2
+  offset = 3
+  vocab_size = 256 + offset
+
+  def encode(self, text: str) -> list[int]:
+    return [b + self.offset for b in text.encode("utf-8")]
+
+  def decode(self, ids) -> str:
+    data = bytes(int(i) - self.offset for i in ids if int(i) >= self.offset)
+    return data.decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+  """A HuggingFace ``tokenizer.json`` (needs the ``tokenizers`` package)."""
+
+  def __init__(self, path: str, bos: Optional[str] = None, eos: Optional[str] = None,
+               pad: Optional[str] = None):
+    try:
+      from tokenizers import Tokenizer
+    except ImportError as e:
+      raise ImportError("data.tokenizer='hf' needs `pip install tokenizers`") from e
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"data.tokenizer_path={path!r} does not exist")
+    self._tok = Tokenizer.from_file(path)
+    self.vocab_size = self._tok.get_vocab_size()
+
+    def token_id(name, fallback):
+      if name is None:
+        return fallback
+      idx = self._tok.token_to_id(name)
+      if idx is None:
+        raise ValueError(f"special token {name!r} is not in the vocabulary of {path}")
+      return idx
+
+    self.bos_id = token_id(bos, None)
+    self.eos_id = token_id(eos, None)
+    self.pad_id = token_id(pad, 0)
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids) -> str:
+    return self._tok.decode([int(i) for i in ids])
+
+
+def make_tokenizer(cfg):
+  if cfg.tokenizer == "byte":
+    return ByteTokenizer()
+  if cfg.tokenizer == "hf":
+    return HFTokenizer(cfg.tokenizer_path, cfg.get("bos_token"), cfg.get("eos_token"),
+                       cfg.get("pad_token"))
+  raise ValueError(f"data.tokenizer must be 'byte' or 'hf', got {cfg.tokenizer!r}")
+
+
+def _text_documents(pattern: str) -> list[str]:
+  files = sorted(glob.glob(pattern, recursive=True))
+  if not files:
+    raise FileNotFoundError(f"data.text_glob={pattern!r} matched no files")
+  docs = []
+  for path in files:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      docs.extend(p.strip() for p in f.read().split("\n\n") if p.strip())
+  return docs
+
+
+def _split(items: list, split: str, eval_every: int) -> list:
+  """Every ``eval_every``-th item is held out for evaluation."""
+  if split == "train":
+    return [x for i, x in enumerate(items) if i % eval_every != eval_every - 1]
+  if split == "eval":
+    return [x for i, x in enumerate(items) if i % eval_every == eval_every - 1]
+  raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+
+
+def token_sequences(cfg, tokenizer, split: str) -> list[np.ndarray]:
+  """All token sequences (documents with BOS/EOS) of a split, before chunking."""
+  if cfg.source == "tokens":
+    arr = np.load(cfg.tokens_path)
+    if arr.ndim == 2:
+      seqs = list(arr.astype(np.int32))
+    elif arr.ndim == 1:
+      eos = tokenizer.eos_id
+      cuts = np.flatnonzero(arr == eos) + 1 if eos is not None else []
+      seqs = [s for s in np.split(arr.astype(np.int32), cuts) if len(s) > 1]
+    else:
+      raise ValueError(f"data.tokens_path holds a {arr.ndim}-D array; expected 1-D or 2-D")
+    return _split(seqs, split, cfg.eval_every)
+  if cfg.source == "corpus":
+    docs = generate_corpus(cfg.corpus_documents, cfg.corpus_seed)
+  elif cfg.source == "text":
+    docs = _text_documents(cfg.text_glob)
+  else:
+    raise ValueError(f"data.source must be 'corpus', 'text' or 'tokens', got {cfg.source!r}")
+  bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+  eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+  return [np.asarray(bos + tokenizer.encode(d) + eos, np.int32) for d in _split(docs, split, cfg.eval_every)]
+
+
+def chunk(seqs: list[np.ndarray], seq_len: int) -> list[np.ndarray]:
+  """Split sequences into pieces of <= seq_len + 1 tokens overlapping by one token, so every
+  token after the first is a target exactly once."""
+  chunks = []
+  for s in seqs:
+    for start in range(0, max(len(s) - 1, 1), seq_len):
+      piece = s[start:start + seq_len + 1]
+      if len(piece) > 1:
+        chunks.append(piece)
+  return chunks
+
+
+def _example(piece: np.ndarray) -> dict:
+  return {"inputs": piece[:-1], "targets": piece[1:]}
+
+
+def _pad_example(seq_len: int, pad_id: int):
+  def pad(piece: np.ndarray) -> dict:
+    n = len(piece) - 1
+    out = {k: np.full(seq_len, pad_id, np.int32) for k in ("inputs", "targets")}
+    out["inputs"][:n], out["targets"][:n] = piece[:-1], piece[1:]
+    out["segment_ids"] = (np.arange(seq_len) < n).astype(np.int32)
+    out["positions"] = np.where(out["segment_ids"] > 0, np.arange(seq_len), 0).astype(np.int32)
+    return out
+  return pad
+
+
+def _model_batch(packed: dict) -> dict:
+  """grain's packed keys -> the batch the loss expects."""
+  if "inputs_segment_ids" in packed:
+    packed = {"inputs": packed["inputs"], "targets": packed["targets"],
+              "segment_ids": packed["inputs_segment_ids"], "positions": packed["inputs_positions"]}
+  packed["mask"] = (packed["segment_ids"] > 0).astype(np.float32)
+  return {k: np.asarray(v) for k, v in packed.items()}
+
+
+def make_dataset(cfg, tokenizer, *, seq_len: int, batch_size: int, split: str = "train",
+                 seed: int = 0, shard_index: int = 0, shard_count: int = 1,
+                 repeat: bool = True) -> grain.IterDataset:
+  """The pipeline for one process: ``batch_size`` rows per batch (this process's share)."""
+  pieces = chunk(token_sequences(cfg, tokenizer, split), seq_len)
+  if len(pieces) < shard_count:
+    raise ValueError(f"data split {split!r} has {len(pieces)} chunks, fewer than the "
+                     f"{shard_count} processes reading it")
+  ds = grain.MapDataset.source(pieces).seed(seed).shuffle()[shard_index::shard_count]
+  if repeat:
+    ds = ds.repeat(None)
+  read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  if cfg.packing:
+    it = ds.map(_example).to_iter_dataset(read)
+    it = grain.experimental.FirstFitPackIterDataset(
+        it, length_struct={"inputs": seq_len, "targets": seq_len}, num_packing_bins=batch_size,
+        seed=seed)
+  else:
+    it = ds.map(_pad_example(seq_len, tokenizer.pad_id)).to_iter_dataset(read)
+  return it.batch(batch_size, drop_remainder=repeat).map(_model_batch)
+
+
+def pad_batch(batch: dict, batch_size: int) -> dict:
+  """Pad a short final batch with fully masked rows (evaluation without dropping data)."""
+  n = len(batch["inputs"])
+  if n == batch_size:
+    return batch
+  return {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
+          for k, v in batch.items()}

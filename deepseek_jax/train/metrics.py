@@ -1,0 +1,174 @@
+"""Run observability: one console line per logging step, TensorBoard events, metrics.jsonl.
+
+MFU = achieved model FLOP/s / (devices x peak FLOP/s). Model FLOPs per token come from
+``analytics.train_flops_per_token`` (6N-style, activated parameters, causal attention, MTP);
+the peak comes from a table of accelerators (dense bf16), or on CPU from a float32 matmul probe
+measured at startup (reported as such).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PEAK_FLOPS = {  # dense bf16 FLOP/s per device, by substring of jax's device_kind
+    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "B200": 2250e12,
+    "TPU v6": 918e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "TPU v5": 459e12, "TPU v4": 275e12,
+}
+
+
+def measure_cpu_peak(size: int = 1024, repeats: int = 5) -> float:
+  """Best float32 matmul FLOP/s of this host (what 'peak' means for a CPU run)."""
+  a = jnp.ones((size, size), jnp.float32)
+  mm = jax.jit(lambda x: x @ x)
+  mm(a).block_until_ready()
+  best = math.inf
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    mm(a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * size ** 3 / best
+
+
+def device_peak_flops(override: float = 0.0) -> tuple[float, str]:
+  """(peak FLOP/s per device, where the number came from)."""
+  if override > 0:
+    return override, "config"
+  kind = jax.devices()[0].device_kind
+  for name, peak in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return peak, f"{name} bf16 spec"
+  if jax.default_backend() == "cpu":
+    return measure_cpu_peak(), "measured f32 matmul"
+  return 0.0, f"unknown device {kind!r}"
+
+
+def expert_load_stats(load: np.ndarray) -> dict:
+  """Per-layer balance of expert token counts [layers, E]: max/mean, min/mean, entropy/log E."""
+  load = np.asarray(load, np.float64)
+  mean = load.mean(-1, keepdims=True).clip(min=1e-9)
+  p = load / load.sum(-1, keepdims=True).clip(min=1e-9)
+  entropy = -(p * np.log(np.where(p > 0, p, 1.0))).sum(-1) / math.log(load.shape[-1])
+  return {"max_over_mean": (load.max(-1, keepdims=True) / mean)[:, 0],
+          "min_over_mean": (load.min(-1, keepdims=True) / mean)[:, 0], "entropy": entropy}
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
+      f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class MetricsLogger:
+  """Writes on process 0 only; every process may call it."""
+
+  def __init__(self, workdir: str, *, total_steps: int, tokens_per_step: int,
+               flops_per_token: float, n_devices: int, peak_flops: float, tensorboard: bool,
+               resume_step: int = 0):
+    self.main = jax.process_index() == 0
+    self.total_steps = total_steps
+    self.tokens_per_step = tokens_per_step
+    self.flops_per_token = flops_per_token
+    self.peak_total = peak_flops * n_devices
+    self.last_step, self.last_time = resume_step, time.perf_counter()
+    self.start_step, self.start_time = resume_step, self.last_time
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.writer = None
+    if self.main:
+      os.makedirs(workdir, exist_ok=True)
+      self._truncate_after(resume_step)
+      if tensorboard:
+        from tensorboardX import SummaryWriter
+        self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+
+  def restart_clock(self, step: int) -> None:
+    """Measure throughput from ``step`` on (after the first, compiling step)."""
+    self.last_step, self.last_time = step, time.perf_counter()
+    self.start_step, self.start_time = step, self.last_time
+
+  def _truncate_after(self, step: int) -> None:
+    """A resumed run rewrites the steps after its checkpoint: drop their old records."""
+    if not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(self.path, "w") as f:
+      f.writelines(keep)
+
+  def log(self, step: int, metrics: dict) -> dict:
+    """``metrics``: host values of one step's metrics. Returns the record written."""
+    now = time.perf_counter()
+    steps = max(step - self.last_step, 1)
+    step_time = (now - self.last_time) / steps
+    self.last_step, self.last_time = step, now
+    tokens_per_s = self.tokens_per_step / step_time
+    record = {"step": step}
+    for key, value in metrics.items():
+      if np.ndim(value) == 0:
+        record[key] = float(value)
+    record.update(step_time=step_time, tokens_per_s=tokens_per_s)
+    if self.peak_total > 0:
+      record["mfu"] = tokens_per_s * self.flops_per_token / self.peak_total
+    if "expert_load" in metrics:
+      load = expert_load_stats(metrics["expert_load"])
+      record["moe_load_max_over_mean"] = float(load["max_over_mean"].max())
+      record["moe_load_min_over_mean"] = float(load["min_over_mean"].min())
+      record["moe_load_entropy"] = float(load["entropy"].mean())
+    if self.main:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+      if self.writer is not None:
+        for key, value in record.items():
+          if key != "step":
+            self.writer.add_scalar(key, value, step)
+        if "expert_load" in metrics:
+          for stat, values in expert_load_stats(metrics["expert_load"]).items():
+            for layer, v in enumerate(values):
+              self.writer.add_scalar(f"moe_layer_{layer}/{stat}", float(v), step)
+        self.writer.flush()
+      print(self.console_line(record), flush=True)
+    return record
+
+  def console_line(self, r: dict) -> str:
+    step, total = r["step"], self.total_steps
+    width = 20
+    filled = int(width * step / total)
+    elapsed = time.perf_counter() - self.start_time
+    done = max(step - self.start_step, 1)
+    eta = elapsed / done * (total - step)
+    parts = [f"[{'#' * filled}{'.' * (width - filled)}] {step}/{total}",
+             f"loss {r['loss']:.4f}", f"ce {r['ce']:.4f}"]
+    if "mtp_ce" in r:
+      parts.append(f"mtp {r['mtp_ce']:.3f}")
+    balance = sum(r.get(k, 0.0) for k in ("expert_balance", "device_balance", "comm_balance"))
+    if "moe_load_max_over_mean" in r:
+      parts.append(f"bal {balance:.1e} load max/mean {r['moe_load_max_over_mean']:.2f}")
+    if r.get("dropped_fraction"):
+      parts.append(f"drop {100 * r['dropped_fraction']:.1f}%")
+    parts.append(f"gnorm {r['grad_norm']:.2f}")
+    if "learning_rate" in r:
+      parts.append(f"lr {r['learning_rate']:.2e}")
+    parts.append(f"{r['tokens_per_s']:,.0f} tok/s {r['step_time']:.2f} s/step")
+    if "mfu" in r:
+      parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    parts.append(f"eta {_fmt_time(eta)}")
+    return " | ".join(parts)
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
+
+
+def say(message: str) -> None:
+  """Print on process 0 only."""
+  if jax.process_index() == 0:
+    print(message, file=sys.stdout, flush=True)

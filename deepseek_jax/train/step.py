@@ -1,0 +1,130 @@
+"""The partitioned train step: one ``jax.jit`` over the train state, with explicit shardings.
+
+    state  = TrainState(step, params, model_state, opt_state)   (an nnx split of the model + optax)
+    state' = train_step(state, batch)
+
+Inside: the batch [B, T] is split into ``grad_accum`` micro-batches scanned in sequence; every
+loss term is normalised by counts over the whole batch, so the accumulated gradient equals the
+gradient of the full batch. Then clipping + AdamW, and the auxiliary-loss-free router-bias
+update from the expert load summed over the *global* batch (the batch is one global array
+under jit, so the sum already spans every device and process).
+
+Shardings come from the logical-axis rules (``parallel.partitioning``): parameters and Adam
+moments share them, the step counter and metrics are replicated, the batch is split over the
+batch axes. The state is donated: parameters are updated in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.model.transformer import abstract_model, create_model, router_bias_update
+from deepseek_jax.parallel.partitioning import (Rules, batch_sharding, state_shardings,
+                                                tree_shardings_like)
+from deepseek_jax.train.loss import batch_normalizers, loss_fn
+
+
+class TrainState(NamedTuple):
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  params: Any  # nnx.State of nnx.Param
+  model_state: Any  # nnx.State of the other variables (router biases)
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """Static parts of the step (hashable: they select the compiled program)."""
+
+  grad_accum: int = 1
+  lr_schedule: Callable = None  # step -> learning rate (for logging)
+  mtp_weight: Callable = None  # step -> lambda, or None for the config's constant
+  router_bias_rate: Callable = None  # step -> gamma
+
+
+def state_shardings_for(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                        rules: Rules):
+  """(graphdef, TrainState of NamedSharding) from abstract shapes only."""
+  graphdef, params, rest = nnx.split(abstract_model(model_cfg), nnx.Param, ...)
+  param_sh, rest_sh = state_shardings(params, mesh, rules), state_shardings(rest, mesh, rules)
+  opt_sh = tree_shardings_like(jax.eval_shape(tx.init, params), params, param_sh, mesh)
+  return graphdef, TrainState(NamedSharding(mesh, PartitionSpec()), param_sh, rest_sh, opt_sh)
+
+
+def init_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                     rules: Rules, seed: int):
+  """Initialise parameters and optimizer state directly in their shards."""
+  graphdef, sh = state_shardings_for(model_cfg, tx, mesh, rules)
+  full_sh = nnx.merge_state(sh.params, sh.model_state)
+  model = create_model(model_cfg, seed, shardings=full_sh)
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(params)
+  step = jax.device_put(jnp.int32(0), sh.step)
+  return graphdef, TrainState(step, params, rest, opt_state), sh
+
+
+def _split_micro(batch: dict, n: int) -> dict:
+  return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
+
+
+def train_step(state: TrainState, batch: dict, *, graphdef, tx, options: StepOptions,
+               model_cfg: ModelConfig):
+  """One optimizer step on a global batch. Returns (new state, metrics)."""
+  n_micro = options.grad_accum
+  norms = batch_normalizers(batch, model_cfg.n_mtp_modules, n_micro)
+  lam = None if options.mtp_weight is None else options.mtp_weight(state.step)
+
+  def loss_of(params, micro):
+    model = nnx.merge(graphdef, params, state.model_state)
+    return loss_fn(model, micro, mtp_weight=lam, normalizers=norms)
+
+  grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+  if n_micro == 1:
+    (_, metrics), grads = grad_fn(state.params, batch)
+  else:
+    micro = _split_micro(batch, n_micro)
+    first = jax.tree.map(lambda x: x[0], micro)
+    shapes = jax.eval_shape(grad_fn, state.params, first)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][1], shapes[1]))
+
+    def accumulate(carry, mb):
+      (_, m), g = grad_fn(state.params, mb)
+      return jax.tree.map(jnp.add, carry, (m, g)), None
+
+    (metrics, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+    if "assignments" in metrics:
+      metrics["dropped_fraction"] = metrics["dropped"] / jnp.maximum(metrics["assignments"], 1)
+
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  model_state = state.model_state
+  metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+  if options.lr_schedule is not None:
+    metrics["learning_rate"] = options.lr_schedule(state.step)
+  if lam is not None:
+    metrics["mtp_weight"] = lam
+  if "expert_load" in metrics and options.router_bias_rate is not None:
+    gamma = options.router_bias_rate(state.step)
+    model = nnx.merge(graphdef, params, model_state)
+    router_bias_update(model, metrics["expert_load"], gamma)
+    _, _, model_state = nnx.split(model, nnx.Param, ...)
+    metrics["router_bias_rate"] = gamma
+  return TrainState(state.step + 1, params, model_state, opt_state), metrics
+
+
+def jit_train_step(model_cfg: ModelConfig, graphdef, tx, options: StepOptions,
+                   shardings: TrainState, mesh: Mesh, rules: Rules):
+  """The compiled step: explicit in/out shardings, the state donated."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  step = functools.partial(train_step, graphdef=graphdef, tx=tx, options=options,
+                           model_cfg=model_cfg)
+  return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh, rules)),
+                 out_shardings=(shardings, replicated), donate_argnums=(0,))

@@ -1,0 +1,326 @@
+"""The training loop behind ``experiments/train.py``, and evaluate / sample from a workdir.
+
+    setup   validate the config (no compile yet) -> distributed init -> mesh -> tokenizer
+    state   sharded init, or restore of the latest checkpoint in the workdir (state + data)
+    loop    global batch from each process's shard -> jitted step -> every log_every: metrics,
+            NaN check -> checkpoint every checkpoint.every -> SIGTERM: save now and stop
+    end     final checkpoint, held-out loss, a sample from the trained model
+
+A resumed run continues from the exact step, parameters, optimizer state and data position:
+its parameters and loss curve are bitwise those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import signal
+import sys
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from deepseek_jax import analytics
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.inference.generate import SamplingConfig, generate
+from deepseek_jax.parallel.mesh import batch_shards, make_mesh
+from deepseek_jax.parallel.partitioning import batch_sharding, get_rules
+from deepseek_jax.train import config as config_lib
+from deepseek_jax.train import data as data_lib
+from deepseek_jax.train.checkpoint import (Checkpointer, abstract_like, check_compatible,
+                                           config_record)
+from deepseek_jax.train.loss import loss_fn
+from deepseek_jax.train.metrics import MetricsLogger, device_peak_flops, say
+from deepseek_jax.train.optimizer import lr_schedule, make_optimizer, piecewise_constant
+from deepseek_jax.train.step import (StepOptions, TrainState, init_train_state, jit_train_step,
+                                     state_shardings_for)
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss or gradient norm became NaN/Inf."""
+
+
+def run_cli(fn, *args, **kwargs):
+  """Run an entry point: bad input (config, checkpoint, data) and divergence end the process
+  with ``error: <what and how to fix it>`` on stderr instead of a traceback."""
+  import logging
+  from absl import flags, logging as absl_logging
+  if flags.FLAGS.is_parsed() and not flags.FLAGS["verbosity"].present:
+    # Library INFO logs (orbax writes ~50 lines per checkpoint) off; --verbosity=0 turns them on.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)
+  try:
+    return fn(*args, **kwargs)
+  except (ValueError, FileNotFoundError, TrainingDiverged) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def setup_distributed(cfg) -> None:
+  """jax.distributed.initialize when launched as several processes (call before any JAX op)."""
+  mode = cfg.initialize
+  if mode not in ("auto", "always", "never"):
+    raise ValueError(f"config.distributed.initialize must be auto|always|never, got {mode!r}")
+  explicit = bool(cfg.coordinator) or cfg.num_processes > 1
+  from_env = "JAX_COORDINATOR_ADDRESS" in os.environ or len(
+      os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+  if mode == "never" or (mode == "auto" and not (explicit or from_env)):
+    return
+  kwargs = {}
+  if cfg.coordinator:
+    kwargs = dict(coordinator_address=cfg.coordinator, num_processes=cfg.num_processes,
+                  process_id=cfg.process_id)
+  jax.distributed.initialize(**kwargs)
+
+
+@dataclasses.dataclass
+class Setup:
+  config: Any
+  model_cfg: ModelConfig
+  mesh: Mesh
+  rules: Any
+  tokenizer: Any
+  tx: optax.GradientTransformation
+
+
+def build_setup(config) -> Setup:
+  """Everything decided before compiling; every check raises with the field named."""
+  mesh_sizes = dict(config.mesh)
+  mesh = make_mesh(mesh_sizes)
+  model_cfg = config_lib.validate(config, jax.process_count(), batch_shards(mesh))
+  rules = get_rules(config.partitioning.rules)
+  tokenizer = data_lib.make_tokenizer(config.data)
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise ValueError(f"config.data.tokenizer has {tokenizer.vocab_size} ids but the model's "
+                     f"vocab_size is {model_cfg.vocab_size}; raise "
+                     f"config.model.overrides.vocab_size")
+  return Setup(config, model_cfg, mesh, rules, tokenizer, make_optimizer(_optimizer_cfg(config)))
+
+
+def _optimizer_cfg(config):
+  """config.optimizer with total_steps resolved (-1 = train.steps)."""
+  opt = config.optimizer.copy_and_resolve_references()
+  with opt.unlocked():
+    opt.total_steps = config_lib.schedule_steps(config)
+  return opt
+
+
+def make_data(setup: Setup, split: str = "train", repeat: bool = True, batch_size=None):
+  c = setup.config
+  batch = batch_size or c.train.batch_size
+  data_cfg = c.data
+  return data_lib.make_dataset(
+      data_cfg, setup.tokenizer, seq_len=c.train.seq_len, batch_size=batch // jax.process_count(),
+      split=split, seed=c.seed, shard_index=jax.process_index(),
+      shard_count=jax.process_count(), repeat=repeat)
+
+
+def global_batch(setup: Setup, local: dict) -> dict:
+  sharding = batch_sharding(setup.mesh, setup.rules)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def _checkpointer(setup: Setup, workdir: str) -> Checkpointer:
+  c = setup.config.checkpoint
+  return Checkpointer(os.path.join(workdir, "checkpoints"), every=c.every, keep=c.keep,
+                      async_save=c.async_save)
+
+
+def restore_or_init(setup: Setup, ckpt: Checkpointer, data_iter):
+  """(graphdef, state, shardings, step): the latest checkpoint if any, else a fresh init."""
+  latest = ckpt.latest_step()
+  if latest is None:
+    graphdef, state, shardings = init_train_state(setup.model_cfg, setup.tx, setup.mesh,
+                                                  setup.rules, setup.config.seed)
+    return graphdef, state, shardings, 0
+  check_compatible(ckpt.saved_config(latest), config_record(setup.config, setup.model_cfg),
+                   ckpt.directory)
+  graphdef, shardings = state_shardings_for(setup.model_cfg, setup.tx, setup.mesh, setup.rules)
+  abstract = jax.eval_shape(lambda: init_train_state_abstract(setup, graphdef))
+  state = ckpt.restore(latest, abstract_like(abstract, shardings), data_iter)
+  return graphdef, state, shardings, latest
+
+
+def init_train_state_abstract(setup: Setup, graphdef) -> TrainState:
+  """The TrainState's shapes and dtypes (used under eval_shape: nothing is allocated)."""
+  from deepseek_jax.model.transformer import DeepSeekModel
+  model = DeepSeekModel(setup.model_cfg, rngs=nnx.Rngs(0))
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  return TrainState(jnp.int32(0), params, rest, setup.tx.init(params))
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves at the next step and stops (multi-host: agreed on
+  through jax's preemption sync point, so every process saves the same step)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return self.requested or multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _host(metrics: dict) -> dict:
+  return jax.tree.map(np.asarray, jax.device_get(metrics))
+
+
+def _finite(metrics: dict) -> bool:
+  return bool(np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]))
+
+
+def train(config, workdir: str) -> dict:
+  """Train per ``config`` in ``workdir`` (resuming if it holds checkpoints). Returns the last
+  logged record plus the final held-out loss and the samples."""
+  setup_distributed(config.distributed)
+  setup = build_setup(config)
+  c, mesh = config, setup.mesh
+  say(f"model {setup.model_cfg.name}: {analytics.summary(setup.model_cfg, c.train.seq_len)}")
+  say(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s), "
+      f"{jax.process_count()} process(es); rules {c.partitioning.rules!r}; workdir {workdir}")
+  data_iter = iter(make_data(setup))
+  ckpt = _checkpointer(setup, workdir)
+  graphdef, state, shardings, start = restore_or_init(setup, ckpt, data_iter)
+  if start:
+    say(f"resumed from step {start} ({ckpt.directory})")
+  options = StepOptions(grad_accum=c.train.grad_accum, lr_schedule=lr_schedule(_optimizer_cfg(c)),
+                        mtp_weight=piecewise_constant(c.train.mtp_weight),
+                        router_bias_rate=piecewise_constant(c.train.router_bias_rate))
+  step_fn = jit_train_step(setup.model_cfg, graphdef, setup.tx, options, shardings, mesh,
+                           setup.rules)
+  peak, peak_source = device_peak_flops(c.metrics.peak_flops_per_device)
+  say(f"MFU peak: {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
+  logger = MetricsLogger(workdir, total_steps=c.train.steps,
+                         tokens_per_step=c.train.batch_size * c.train.seq_len,
+                         flops_per_token=analytics.train_flops_per_token(setup.model_cfg,
+                                                                         c.train.seq_len),
+                         n_devices=jax.device_count(), peak_flops=peak,
+                         tensorboard=c.metrics.tensorboard, resume_step=start)
+  record_cfg = config_record(c, setup.model_cfg)
+  preemption = _Preemption()
+  record: dict = {}
+  try:
+    for step in range(start + 1, c.train.steps + 1):
+      state, metrics = step_fn(state, global_batch(setup, next(data_iter)))
+      if step == start + 1:  # keep compile time out of the throughput numbers
+        compile_start = logger.last_time
+        jax.block_until_ready(metrics)
+        logger.restart_clock(step)
+        say(f"step {step} (including compilation) took {logger.last_time - compile_start:.1f} s")
+      last = step == c.train.steps
+      due_save = step % c.checkpoint.every == 0 or last
+      stop = preemption.reached(step)
+      if step % c.train.log_every == 0 or due_save or stop:
+        host = _host(metrics)
+        if not _finite(host):
+          good = ckpt.latest_step()
+          raise TrainingDiverged(
+              f"loss or gradient norm is not finite at step {step} (loss {host['loss']}, "
+              f"grad norm {host['grad_norm']}); stopped without saving. Last good checkpoint: "
+              f"{'step ' + str(good) if good else 'none'} in {ckpt.directory}. Lower "
+              "config.optimizer.learning_rate or raise warmup_steps, then rerun to resume.")
+        if step % c.train.log_every == 0 or last:
+          record = logger.log(step, host)
+        if c.train.eval_every and step % c.train.eval_every == 0:
+          say(f"eval at step {step}: {_evaluate_state(setup, graphdef, state)}")
+      if due_save or stop:
+        ckpt.save(step, state, data_iter, record_cfg, force=True)
+      if stop:
+        ckpt.wait()
+        say(f"SIGTERM: saved step {step} to {ckpt.directory}; stopping (rerun to resume)")
+        return dict(record, preempted_at=step)
+  finally:
+    preemption.restore()
+    ckpt.close()
+    logger.close()
+  final = dict(record, eval=_evaluate_state(setup, graphdef, state))
+  say(f"held-out: loss {final['eval']['loss']:.4f}, perplexity {final['eval']['perplexity']:.2f}")
+  final["samples"] = _sample_state(setup, graphdef, state)
+  return final
+
+
+@functools.lru_cache(maxsize=4)
+def _eval_fn(graphdef):
+  return jax.jit(lambda params, rest, batch: loss_fn(nnx.merge(graphdef, params, rest), batch)[1])
+
+
+def _evaluate_state(setup: Setup, graphdef, state: TrainState, max_batches: Optional[int] = None):
+  """Token-weighted loss and perplexity over the held-out split."""
+  c = setup.config
+  eval_fn = _eval_fn(graphdef)
+  total = count = 0.0
+  limit = max_batches or c.train.eval_batches
+  for i, local in enumerate(make_data(setup, "eval", repeat=False)):
+    if i >= limit:
+      break
+    local = data_lib.pad_batch(local, c.train.batch_size // jax.process_count())
+    m = jax.device_get(eval_fn(state.params, state.model_state, global_batch(setup, local)))
+    total += float(m["ce"]) * float(m["tokens"])
+    count += float(m["tokens"])
+  loss = total / max(count, 1.0)
+  return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(count)}
+
+
+def _sample_state(setup: Setup, graphdef, state: TrainState, prompts=None) -> list[str]:
+  c, tok = setup.config, setup.tokenizer
+  prompts = list(prompts or c.sample.prompts)
+  model = nnx.merge(graphdef, state.params, state.model_state)
+  bos = [tok.bos_id] if tok.bos_id is not None else []
+  encoded = [bos + tok.encode(p) for p in prompts]
+  out = generate(model, encoded, max_new_tokens=c.sample.max_new_tokens,
+                 sampling=SamplingConfig(temperature=c.sample.temperature),
+                 stop_tokens=[tok.eos_id] if tok.eos_id is not None else [],
+                 pad_id=tok.pad_id, rng=jax.random.key(c.seed))
+  tokens, lengths = (multihost_utils.process_allgather(a, tiled=True) for a in out)
+  texts = []
+  for prompt, row, n in zip(prompts, np.asarray(tokens), np.asarray(lengths)):
+    texts.append(prompt + tok.decode(row[:n]))
+    say(f"--- sample ---\n{texts[-1]}")
+  return texts
+
+
+def _load_for_inference(config, workdir: str, step: Optional[int]):
+  setup_distributed(config.distributed)
+  setup = build_setup(config)
+  ckpt = _checkpointer(setup, workdir)
+  step = step or ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first with --workdir={workdir}")
+  check_compatible(ckpt.saved_config(step), config_record(config, setup.model_cfg), ckpt.directory)
+  graphdef, shardings = state_shardings_for(setup.model_cfg, setup.tx, setup.mesh, setup.rules)
+  abstract = jax.eval_shape(lambda: init_train_state_abstract(setup, graphdef))
+  state = ckpt.restore(step, abstract_like(abstract, shardings))
+  ckpt.close()
+  return setup, graphdef, state, step
+
+
+def evaluate(config, workdir: str, step: Optional[int] = None, max_batches: Optional[int] = None):
+  """Held-out loss / perplexity of a checkpoint (the latest by default)."""
+  setup, graphdef, state, step = _load_for_inference(config, workdir, step)
+  result = dict(_evaluate_state(setup, graphdef, state, max_batches), step=step)
+  say(f"step {step}: held-out loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} "
+      f"over {result['tokens']:,} tokens")
+  return result
+
+
+def sample(config, workdir: str, prompts=None, step: Optional[int] = None) -> list[str]:
+  """Generate from a checkpoint (the latest by default)."""
+  setup, graphdef, state, _ = _load_for_inference(config, workdir, step)
+  return _sample_state(setup, graphdef, state, prompts)

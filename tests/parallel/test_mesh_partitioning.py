@@ -1,0 +1,68 @@
+"""Mesh sizes and logical-axis sharding rules."""
+
+import jax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.model.transformer import abstract_model
+from deepseek_jax.parallel.mesh import MESH_AXES, batch_shards, make_mesh, resolve_mesh_shape
+from deepseek_jax.parallel.partitioning import RULE_SETS, get_rules, logical_to_spec, state_shardings
+
+
+def test_minus_one_fills_the_remaining_devices():
+  assert resolve_mesh_shape(dict(data=2, fsdp=-1, expert=2), 8) == (2, 2, 2, 1)
+  assert resolve_mesh_shape(dict(fsdp=-1), 8) == (1, 8, 1, 1)
+
+
+@pytest.mark.parametrize("shape, match", [
+    (dict(fsdp=-1, data=-1), "only one axis"),
+    (dict(data=3, fsdp=-1), "does not divide"),
+    (dict(data=2, fsdp=2), "uses 4 devices but 8"),
+    (dict(pipeline=2), "unknown axes"),
+    (dict(data=0, fsdp=-1), "mesh.data=0"),
+])
+def test_bad_mesh_sizes_are_rejected_with_the_axis_named(shape, match):
+  with pytest.raises(ValueError, match=match):
+    resolve_mesh_shape(shape, 8)
+
+
+def test_mesh_has_the_four_named_axes_over_all_devices():
+  mesh = make_mesh(dict(data=2, fsdp=2, expert=2))
+  assert mesh.axis_names == MESH_AXES and mesh.devices.size == jax.device_count() == 8
+  assert batch_shards(mesh) == 8
+
+
+def test_rules_map_logical_axes_once_per_array():
+  mesh = make_mesh(dict(fsdp=2, expert=2, tensor=2))
+  rules = get_rules("fsdp")
+  assert logical_to_spec(("expert", "embed", "expert_mlp"), rules, mesh) == P("expert", "fsdp", "tensor")
+  assert logical_to_spec(("batch", None), rules, mesh) == P(("fsdp", "expert"), None)  # size-1 axes dropped
+  assert logical_to_spec(("heads", "mlp"), rules, mesh) == P("tensor", None)  # tensor already used
+  assert logical_to_spec(("embed",), get_rules("replicated"), mesh) == P(None)
+
+
+def test_non_divisible_dims_are_replicated_and_unknown_names_rejected():
+  mesh = make_mesh(dict(fsdp=8))
+  rules = get_rules("fsdp")
+  assert logical_to_spec(("embed",), rules, mesh, shape=(12,)) == P(None)
+  assert logical_to_spec(("embed",), rules, mesh, shape=(16,)) == P("fsdp")
+  with pytest.raises(ValueError, match="no rule"):
+    logical_to_spec(("bogus",), rules, mesh)
+  with pytest.raises(ValueError, match="unknown"):
+    get_rules("zero-4")
+
+
+@pytest.mark.parametrize("rules", sorted(RULE_SETS))
+def test_every_parameter_of_the_model_gets_a_sharding(rules):
+  mesh = make_mesh(dict(data=2, fsdp=2, expert=2))
+  cfg = ModelConfig.preset("tiny")
+  state = nnx.state(abstract_model(cfg))
+  shardings = state_shardings(state, mesh, get_rules(rules))
+  leaves = jax.tree.leaves(shardings)
+  assert len(leaves) == len(jax.tree.leaves(state))
+  experts = shardings["moe_layers"]["ffn"]["w_gate"].get_value().spec
+  # stacked layers lead, then experts / d_model / expert hidden
+  assert experts == (P(None, "expert", "fsdp", None) if rules == "fsdp" else
+                     P(None, "expert", None, None) if rules == "tensor" else P(None, None, None, None))

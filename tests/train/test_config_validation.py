@@ -1,0 +1,79 @@
+"""Experiment configs: command-line overrides, and errors that name the field before compiling."""
+
+import os
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from deepseek_jax.train import trainer
+from deepseek_jax.train.config import default_config
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "configs")
+
+
+def _parse(*args):
+  argv = ["train.py", *args]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def test_command_line_overrides_any_field():
+  c = _parse(f"--config={CONFIGS}/small.py:runlocal", "--config.train.steps=7",
+             "--config.optimizer.learning_rate=0.01", "--config.mesh.fsdp=2",
+             "--config.data.packing=False")
+  assert (c.train.steps, c.optimizer.learning_rate, c.mesh.fsdp, c.data.packing) == (7, 0.01, 2, False)
+  assert c.optimizer.total_steps == -1  # -1: the schedule spans train.steps
+  assert c.train.log_every == 10  # from the runlocal variant
+
+
+def test_unknown_override_and_bad_value_and_unknown_variant_fail():
+  with pytest.raises(AttributeError, match='Did you mean "steps"'):
+    _parse(f"--config={CONFIGS}/small.py", "--config.train.stepz=7")
+  with pytest.raises(flags.IllegalFlagValueError, match="seven"):
+    _parse(f"--config={CONFIGS}/small.py", "--config.train.steps=seven")
+  with pytest.raises(Exception, match="unknown variant"):
+    _parse(f"--config={CONFIGS}/small.py:fast")
+
+
+def _tiny(**train):
+  c = default_config()
+  c.model.preset = "tiny"
+  c.model.overrides.vocab_size = 320
+  c.mesh.update(dict(data=2, fsdp=4))
+  c.train.update(train)
+  return c
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda c: c.train.update(batch_size=12), "train.batch_size"),  # 12 % 8 devices
+    (lambda c: c.train.update(batch_size=16, grad_accum=3), "train.batch_size"),
+    (lambda c: c.train.update(batch_size=16, grad_accum=4), "train.batch_size"),  # micro 4 < 8
+    (lambda c: c.train.update(steps=0), "train.steps"),
+    (lambda c: c.optimizer.update(total_steps=3), "optimizer.total_steps"),
+    (lambda c: c.train.update(mtp_weight=((10, 0.3),)), "train.mtp_weight"),
+    (lambda c: c.model.overrides.update(n_activated_experts=99), "ModelConfig.n_activated_experts"),
+    (lambda c: c.model.overrides.update(vocab_size=128), "vocab_size"),  # byte tokenizer needs 259
+    (lambda c: c.mesh.update(data=3), "mesh"),
+    (lambda c: c.partitioning.update(rules="zero9"), "rules"),
+])
+def test_invalid_configs_fail_before_compiling_with_the_field_named(change, field):
+  c = _tiny(batch_size=16)
+  change(c)
+  with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+    trainer.build_setup(c)
+
+
+def test_unknown_field_in_a_config_file_is_rejected():
+  c = _tiny(batch_size=16)
+  c.train.learning_rate = 0.1  # belongs in optimizer: a typo a locked CLI cannot catch
+  with pytest.raises(ValueError, match=r"unknown config field\(s\) \['train.learning_rate'\]"):
+    trainer.build_setup(c)
+
+
+def test_a_valid_config_builds_without_compiling():
+  setup = trainer.build_setup(_tiny(batch_size=16))
+  assert setup.model_cfg.name == "tiny" and dict(setup.mesh.shape)["fsdp"] == 4

@@ -1,0 +1,93 @@
+"""The partitioned train step on 8 fake CPU devices equals the single-device step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.parallel.mesh import make_mesh
+from deepseek_jax.parallel.partitioning import batch_sharding, get_rules
+from deepseek_jax.train.config import default_config
+from deepseek_jax.train.loss import loss_fn
+from deepseek_jax.train.optimizer import make_optimizer, piecewise_constant
+from deepseek_jax.train.step import StepOptions, init_train_state, jit_train_step
+
+CFG = ModelConfig.preset("tiny", init_std=0.1, expert_balance_coef=0.01, device_balance_coef=0.01,
+                         comm_balance_coef=0.01)
+
+
+def _batch():
+  seq = np.random.default_rng(0).integers(3, CFG.vocab_size, (8, 33)).astype(np.int32)
+  mask = np.ones((8, 32), np.float32)
+  mask[3, 20:] = 0  # padding in one row
+  return {"inputs": seq[:, :-1], "targets": seq[:, 1:], "mask": mask}
+
+
+def _tx():
+  c = default_config().optimizer
+  c.total_steps = 10
+  return make_optimizer(c)
+
+
+def _loss_and_grads(mesh_shape, rules_name):
+  n = int(np.prod(list(mesh_shape.values())))
+  mesh = make_mesh(mesh_shape, jax.devices()[:n])
+  rules = get_rules(rules_name)
+  tx = _tx()
+  graphdef, state, sh = init_train_state(CFG, tx, mesh, rules, seed=0)
+  batch = jax.device_put(_batch(), batch_sharding(mesh, rules))
+
+  def f(params, rest, batch):
+    return loss_fn(nnx.merge(graphdef, params, rest), batch)
+
+  fn = jax.jit(jax.value_and_grad(f, has_aux=True),
+               in_shardings=(sh.params, sh.model_state, batch_sharding(mesh, rules)),
+               out_shardings=((NamedSharding(mesh, P()), NamedSharding(mesh, P())), sh.params))
+  (loss, metrics), grads = fn(state.params, state.model_state, batch)
+  sharded = any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state.params))
+  return jax.device_get((loss, metrics, grads)), sharded
+
+
+@pytest.fixture(scope="module")
+def single_device():
+  return _loss_and_grads(dict(data=1), "fsdp")[0]
+
+
+@pytest.mark.parametrize("mesh_shape, rules", [
+    (dict(data=8), "replicated"),
+    (dict(data=2, fsdp=2, expert=2), "fsdp"),
+    (dict(fsdp=2, expert=2, tensor=2), "fsdp"),
+    (dict(expert=4, tensor=2), "tensor"),
+], ids=lambda x: x if isinstance(x, str) else "-".join(f"{k}{v}" for k, v in x.items()))
+def test_sharded_loss_and_gradients_equal_single_device(single_device, mesh_shape, rules):
+  (loss, metrics, grads), sharded = _loss_and_grads(mesh_shape, rules)
+  ref_loss, ref_metrics, ref_grads = single_device
+  assert sharded == (rules != "replicated")  # the weights really are split
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  np.testing.assert_array_equal(metrics["expert_load"], ref_metrics["expert_load"])  # global load
+  for (path, g), (_, r) in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
+                               jax.tree_util.tree_flatten_with_path(ref_grads)[0]):
+    np.testing.assert_allclose(g, r, rtol=2e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_gradient_accumulation_equals_the_full_batch_step():
+  mesh = make_mesh(dict(data=2), jax.devices()[:2])
+  rules = get_rules("fsdp")
+  results = []
+  for accum in (1, 2):
+    tx = _tx()
+    graphdef, state, sh = init_train_state(CFG, tx, mesh, rules, seed=0)
+    opts = StepOptions(grad_accum=accum, router_bias_rate=piecewise_constant(((0, 0.01),)))
+    step = jit_train_step(CFG, graphdef, tx, opts, sh, mesh, rules)
+    state, metrics = step(state, jax.device_put(_batch(), batch_sharding(mesh, rules)))
+    results.append(jax.device_get((metrics, state.model_state)))
+  (m1, bias1), (m2, bias2) = results
+  for key in ("loss", "ce", "mtp_ce", "grad_norm", "expert_balance"):
+    np.testing.assert_allclose(m2[key], m1[key], rtol=2e-5, err_msg=key)
+  np.testing.assert_array_equal(m2["expert_load"], m1["expert_load"])
+  for a, b in zip(jax.tree.leaves(bias1), jax.tree.leaves(bias2)):  # same global-load update
+    np.testing.assert_array_equal(a, b)
+  assert float(np.abs(jax.tree.leaves(bias1)[0]).max()) > 0  # and the bias did move

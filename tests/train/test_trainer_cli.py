@@ -1,0 +1,133 @@
+"""experiments/train.py end to end, in subprocesses: preemption and exact resume, divergence,
+observability files, evaluate / sample, and refusing to mix models in one workdir."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+TINY = REPO / "experiments" / "configs" / "tiny.py"
+COMMON = ["--config.train.steps=24", "--config.checkpoint.every=10", "--config.train.log_every=2"]
+
+
+def _env():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one CPU device, not the 8 fake ones of in-process tests
+  return env
+
+
+def _cmd(script, workdir, *args):
+  return [sys.executable, str(REPO / "experiments" / script), f"--config={TINY}",
+          f"--workdir={workdir}", *args]
+
+
+def _run(script, workdir, *args):
+  return subprocess.run(_cmd(script, workdir, *args), env=_env(), capture_output=True, text=True,
+                        timeout=600)
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _state(workdir, step):
+  return ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("reference")
+  proc = _run("train.py", workdir, *COMMON)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc.stdout
+
+
+def test_training_logs_loss_falling_and_writes_observability_files(reference_run):
+  workdir, stdout = reference_run
+  records = _records(workdir)
+  assert [r["step"] for r in records] == list(range(2, 25, 2))
+  assert records[-1]["ce"] < records[0]["ce"] - 1.0
+  for key in ("loss", "ce", "mtp_ce", "expert_balance", "moe_load_max_over_mean",
+              "moe_load_min_over_mean", "moe_load_entropy", "dropped_fraction", "grad_norm",
+              "learning_rate", "tokens_per_s", "step_time", "mfu"):
+    assert key in records[-1], key
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [10, 20, 24]
+  assert "[####################] 24/24" in stdout and "--- sample ---" in stdout
+  assert "held-out: loss" in stdout
+
+
+def test_sigterm_saves_and_the_resumed_run_is_bitwise_identical(reference_run, tmp_path):
+  ref_dir, _ = reference_run
+  workdir = tmp_path / "preempted"
+  proc = subprocess.Popen(_cmd("train.py", workdir, *COMMON), env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline:  # wait until training is under way, then preempt
+    if (workdir / "metrics.jsonl").exists() and _records(workdir) and _records(workdir)[-1]["step"] >= 4:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  stdout, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0, stderr[-3000:]
+  saved = int(stdout.split("SIGTERM: saved step ")[1].split()[0])
+  assert 4 <= saved < 24 and (workdir / "checkpoints" / str(saved)).is_dir()
+
+  resumed = _run("train.py", workdir, *COMMON)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resumed from step {saved}" in resumed.stdout
+  want, got = _state(ref_dir, 24), _state(workdir, 24)
+  flat_want, flat_got = (dict(_flatten(x)) for x in (want, got))
+  assert flat_want.keys() == flat_got.keys() and len(flat_want) > 100
+  for key, value in flat_want.items():
+    np.testing.assert_array_equal(flat_got[key], value, err_msg=key)  # bitwise
+  curve = lambda d: [(r["step"], r["loss"], r["ce"]) for r in _records(d)]
+  assert curve(workdir) == curve(ref_dir)
+
+
+def _flatten(tree, prefix=""):
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      yield from _flatten(v, f"{prefix}/{k}")
+  else:
+    yield prefix, np.asarray(tree)
+
+
+def test_evaluate_and_sample_read_the_latest_checkpoint(reference_run):
+  workdir, _ = reference_run
+  ev = _run("evaluate.py", workdir, "--batches=2")
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  assert "step 24: held-out loss" in ev.stdout and "perplexity" in ev.stdout
+  sample = _run("sample.py", workdir, "--prompt=Leo lives in", "--config.sample.max_new_tokens=8")
+  assert sample.returncode == 0, sample.stderr[-3000:]
+  assert "--- sample ---\nLeo lives in" in sample.stdout
+
+
+def test_a_different_model_is_refused_and_nothing_is_overwritten(reference_run):
+  workdir, _ = reference_run
+  before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+  proc = _run("train.py", workdir, *COMMON, "--config.model.overrides.d_model=32",
+              "--config.train.steps=30")
+  assert proc.returncode == 1
+  assert "error: the checkpoints in" in proc.stderr and "d_model: saved 64 vs now 32" in proc.stderr
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+  proc = _run("train.py", tmp_path, "--config.train.steps=20", "--config.checkpoint.every=1",
+              "--config.train.log_every=1", "--config.optimizer.learning_rate=1e30",
+              "--config.optimizer.warmup_steps=1")
+  assert proc.returncode == 1
+  assert "error: loss or gradient norm is not finite at step" in proc.stderr
+  assert "Last good checkpoint: step" in proc.stderr
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
+  assert steps and all(np.isfinite(v).all() for _, v in _flatten(_state(tmp_path, steps[-1])))
