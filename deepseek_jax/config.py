@@ -147,7 +147,23 @@ def _require(cond: bool, field: str, message: str) -> None:
     raise ValueError(f"ModelConfig.{field}: {message}")
 
 
+_TYPE_NAMES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_types(c: ModelConfig) -> None:
+  """Each field holds its annotated type (``Optional[...]`` also admits None; no bool as int)."""
+  for f in dataclasses.fields(c):
+    value, ann = getattr(c, f.name), str(f.type)
+    optional = ann.startswith("Optional[")
+    allowed = _TYPE_NAMES.get(ann[len("Optional["):-1] if optional else ann)
+    if allowed is None or (optional and value is None):
+      continue
+    ok = isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
+    _require(ok, f.name, f"must be {ann}, got {value!r} ({type(value).__name__})")
+
+
 def _validate(c: ModelConfig) -> None:
+  _check_types(c)
   for f in ("vocab_size", "d_model", "n_layers", "dense_ffn_dim", "n_heads", "kv_lora_rank",
             "qk_nope_head_dim", "v_head_dim", "max_seq_len"):
     _require(getattr(c, f) > 0, f, f"must be a positive integer, got {getattr(c, f)}")

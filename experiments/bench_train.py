@@ -64,6 +64,8 @@ def _time(step, n_warmup: int, n_timed: int) -> list[float]:
 
 
 def run_jax() -> dict:
+  from deepseek_jax.train.trainer import set_cpu_xla_flags
+  set_cpu_xla_flags()  # the same XLA flags as experiments/train.py
   import jax
   import jax.numpy as jnp
   from deepseek_jax.parallel.mesh import make_mesh

@@ -29,6 +29,9 @@ def test_overrides_revalidate_and_keep_other_fields():
 
 @pytest.mark.parametrize("overrides, field", [
     (dict(n_activated_experts=9), "n_activated_experts"),  # top-k > experts
+    (dict(scan_layers="False"), "scan_layers"),  # a string is not a bool
+    (dict(d_model=64.0), "d_model"),  # a float is not an int
+    (dict(n_layers=True), "n_layers"),  # nor is a bool
     (dict(n_expert_groups=3), "n_expert_groups"),  # 3 does not divide 8
     (dict(n_limited_groups=5), "n_limited_groups"),  # kept groups > groups
     (dict(n_limited_groups=1, n_activated_experts=3), "n_limited_groups"),  # 1 group of 2 < top-3

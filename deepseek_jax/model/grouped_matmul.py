@@ -9,19 +9,19 @@ N tiles, B rows per tile.
 Two implementations behind ``grouped_matmul``:
 - ``ragged_dot``: ``jax.lax.ragged_dot``; XLA lowers it to a real grouped GEMM on GPU/TPU, but on
   CPU to a dense masked dot costing E times the FLOPs.
-- ``tiled`` (chosen on CPU): each group is padded to whole tiles of B rows, so every tile belongs
-  to one expert, and one batched matmul "NBD,NDF->NBF" multiplies every tile by its expert's
-  weight. FLOPs are (M + E B) D F instead of E M D F. The backward pass is written out
-  (``custom_vjp``, megablox's gmm / tgmm split): dx is the same tiled product with W^T, and dW
-  sums each tile's x^T dy into its expert. Padding and un-padding are gathers: XLA:CPU runs
-  scatters as slow loops. The tile adapts to the rows per expert (a power of two near M / 4E,
-  in [8, 128]) so the padding stays under ~25% of the work and a decode step of a few rows does
-  not pay for large tiles.
+- ``tiled`` (chosen on CPU): each group is padded to whole tiles of B rows (``tile_layout``), so
+  every tile belongs to one expert, and one batched matmul "NBD,NDF->NBF" multiplies every tile
+  by its expert's weight (``tile_matmul``). FLOPs are (M + E B) D F instead of E M D F. The
+  backward passes are written out (``custom_vjp``, megablox's gmm / tgmm split): dx is the same
+  tiled product with W^T, and dW sums each tile's x^T dy into its expert. Moving rows into and
+  out of tiles is ``gather_rows``, whose transpose is again a gather: XLA:CPU runs scatters as
+  slow loops. The tile is a power of two near M / 2E, in [8, 128], so padding stays small and a
+  decode step of a few rows does not pay for large tiles. The MoE layer uses the pieces
+  directly and runs its whole SwiGLU in tile space (one gather in, one gather out).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -57,62 +57,91 @@ def tile_layout(group_sizes: jax.Array, m: int, n_groups: int, tile: int) -> Til
   return TileLayout(rows, jnp.where(valid, slot, 0), valid, slot_group[::tile])
 
 
-def _pad(x: jax.Array, layout: TileLayout, tile: int) -> jax.Array:
-  """[M, D] -> [N, B, D] tiles (padding slots are zero rows)."""
-  x_ext = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])
-  return x_ext[layout.rows].reshape(-1, tile, x.shape[1])
+def _zero_row(x: jax.Array) -> jax.Array:
+  return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])
 
 
-def _unpad(y_tiles: jax.Array, layout: TileLayout) -> jax.Array:
-  y = y_tiles.reshape(-1, y_tiles.shape[-1])
-  return jnp.where(layout.valid[:, None], y[layout.slot], 0)
+@jax.custom_vjp
+def gather_rows(x: jax.Array, src: jax.Array, inv: jax.Array) -> jax.Array:
+  """out[i] = x[src[i]], a zero row where src[i] == len(x).
+
+  ``inv`` [len(x), k] lists, for each row j of x, the k output rows that read it (len(out) for
+  none), so the transpose is a gather too: dx[j] = sum_k dout[inv[j, k]]. Autodiff would
+  transpose the gather into a scatter-add, which XLA:CPU runs as a slow loop.
+  """
+  return _zero_row(x)[src]
 
 
-def _tile_matmul(x_tiles, w, tile_group):
-  return jnp.einsum("NBD,NDF->NBF", x_tiles, w[tile_group], preferred_element_type=jnp.float32)
+def _gather_rows_fwd(x, src, inv):
+  return gather_rows(x, src, inv), (src, inv)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _tiled(x: jax.Array, w: jax.Array, group_sizes: jax.Array, tile: int) -> jax.Array:
-  return _tiled_fwd(x, w, group_sizes, tile)[0]
+def _gather_rows_bwd(residuals, dout):
+  src, inv = residuals
+  dx = _zero_row(dout)[inv].sum(1)
+  return dx, np.zeros(src.shape, jax.dtypes.float0), np.zeros(inv.shape, jax.dtypes.float0)
 
 
-def _tiled_fwd(x, w, group_sizes, tile):
-  layout = tile_layout(group_sizes, x.shape[0], w.shape[0], tile)
-  x_tiles = _pad(x, layout, tile)
-  out = _unpad(_tile_matmul(x_tiles, w, layout.tile_group), layout).astype(x.dtype)
-  return out, (x_tiles, w, group_sizes, layout)
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
-def _tiled_bwd(tile, residuals, dy):
-  x_tiles, w, group_sizes, layout = residuals
-  dy_tiles = _pad(dy, layout, tile)
-  dx = _unpad(_tile_matmul(dy_tiles, jnp.swapaxes(w, 1, 2), layout.tile_group), layout)
-  per_tile = jnp.einsum("NBD,NBF->NDF", x_tiles, dy_tiles, preferred_element_type=jnp.float32)
-  owner = jax.nn.one_hot(layout.tile_group, w.shape[0], dtype=jnp.float32)  # tiles -> experts
+@jax.custom_vjp
+def tile_matmul(x_tiles: jax.Array, w: jax.Array, tile_group: jax.Array) -> jax.Array:
+  """[N, B, D] tiles @ w[tile_group] [N, D, F] -> [N, B, F] (accumulated in f32).
+
+  The weight gradient sums each tile's x^T dy into its expert with a one-hot contraction
+  (megablox's tgmm) instead of autodiff's scatter-add.
+  """
+  out = jnp.einsum("NBD,NDF->NBF", x_tiles, w[tile_group], preferred_element_type=jnp.float32)
+  return out.astype(x_tiles.dtype)
+
+
+def _tile_matmul_fwd(x_tiles, w, tile_group):
+  return tile_matmul(x_tiles, w, tile_group), (x_tiles, w, tile_group)
+
+
+def _tile_matmul_bwd(residuals, dy):
+  x_tiles, w, tile_group = residuals
+  w_t = jnp.swapaxes(w, 1, 2)[tile_group]
+  dx = jnp.einsum("NBF,NFD->NBD", dy, w_t, preferred_element_type=jnp.float32)
+  per_tile = jnp.einsum("NBD,NBF->NDF", x_tiles, dy, preferred_element_type=jnp.float32)
+  owner = jax.nn.one_hot(tile_group, w.shape[0], dtype=jnp.float32)  # tiles -> experts
   dw = jnp.einsum("NE,NDF->EDF", owner, per_tile)
   return (dx.astype(x_tiles.dtype), dw.astype(w.dtype),
-          np.zeros(group_sizes.shape, jax.dtypes.float0))
+          np.zeros(tile_group.shape, jax.dtypes.float0))
 
 
-_tiled.defvjp(_tiled_fwd, _tiled_bwd)
+tile_matmul.defvjp(_tile_matmul_fwd, _tile_matmul_bwd)
+
+
+def _tiled(x: jax.Array, w: jax.Array, group_sizes: jax.Array, tile: int) -> jax.Array:
+  layout = tile_layout(group_sizes, x.shape[0], w.shape[0], tile)
+  n_slots = layout.rows.shape[0]
+  slot = jnp.where(layout.valid, layout.slot, n_slots)  # unused rows read the zero row
+  x_tiles = gather_rows(x, layout.rows, slot[:, None]).reshape(-1, tile, x.shape[1])
+  y = tile_matmul(x_tiles, w, layout.tile_group).reshape(n_slots, -1)
+  return gather_rows(y, slot, layout.rows[:, None])
 
 
 def default_tile(rows: int, groups: int) -> int:
-  """Largest power of two <= rows / (4 * groups), clipped to [8, 128]."""
-  target = max(rows // (4 * groups), 1)
+  """Largest power of two <= rows / (2 * groups), clipped to [8, 128]."""
+  target = max(rows // (2 * groups), 1)
   return int(min(128, max(8, 1 << (target.bit_length() - 1))))
+
+
+def resolve_impl(impl: str) -> str:
+  if impl == "auto":
+    return "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+  if impl not in ("tiled", "ragged_dot"):
+    raise ValueError(f"grouped_matmul impl must be 'auto', 'tiled' or 'ragged_dot', got {impl!r}")
+  return impl
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, impl: str = "auto",
                    tile: int | None = None) -> jax.Array:
   """x [M, D] (sorted by group) @ w [E, D, F] per group -> [M, F]."""
-  if impl == "auto":
-    impl = "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
-  if impl == "tiled":
+  if resolve_impl(impl) == "tiled":
     return _tiled(x, w, group_sizes, tile or default_tile(x.shape[0], w.shape[0]))
-  if impl == "ragged_dot":
-    out = jax.lax.ragged_dot(x, w, group_sizes.astype(jnp.int32),
-                             preferred_element_type=jnp.float32)
-    return out.astype(x.dtype)
-  raise ValueError(f"grouped_matmul impl must be 'auto', 'tiled' or 'ragged_dot', got {impl!r}")
+  out = jax.lax.ragged_dot(x, w, group_sizes.astype(jnp.int32),
+                           preferred_element_type=jnp.float32)
+  return out.astype(x.dtype)

@@ -42,7 +42,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deepseek_jax.model.grouped_matmul import grouped_matmul
+from deepseek_jax.model.grouped_matmul import (default_tile, gather_rows, grouped_matmul,
+                                                resolve_impl, tile_layout, tile_matmul)
 from deepseek_jax.model.layers import SwiGLU, normal_param
 
 
@@ -187,12 +188,36 @@ def routed_experts(x, routing: Routing, w_gate, w_up, w_down, keep=None, *, impl
   sorted_expert = flat_expert[order]
   bounds = jnp.searchsorted(sorted_expert, jnp.arange(n_experts + 1), side="left")
   group_sizes = (bounds[1:] - bounds[:-1]).astype(jnp.int32)  # dropped (id E) sort past the end
-  x_sorted = x[order // top_k]
-  gate = grouped_matmul(x_sorted, w_gate, group_sizes, impl=impl)
-  up = grouped_matmul(x_sorted, w_up, group_sizes, impl=impl)
-  out_sorted = grouped_matmul(jax.nn.silu(gate) * up, w_down, group_sizes, impl=impl)
-  out = out_sorted[jnp.argsort(order)].reshape(t, top_k, -1)
+  if resolve_impl(impl) == "tiled":
+    out = _tiled_expert_ffn(x, order, group_sizes, top_k, w_gate, w_up, w_down)
+  else:
+    x_sorted = x[order // top_k]
+    gate = grouped_matmul(x_sorted, w_gate, group_sizes, impl=impl)
+    up = grouped_matmul(x_sorted, w_up, group_sizes, impl=impl)
+    out_sorted = grouped_matmul(jax.nn.silu(gate) * up, w_down, group_sizes, impl=impl)
+    out = out_sorted[jnp.argsort(order)].reshape(t, top_k, -1)
   return jnp.einsum("TKD,TK->TD", out.astype(jnp.float32), weights).astype(x.dtype)
+
+
+def _tiled_expert_ffn(x, order, group_sizes, top_k, w_gate, w_up, w_down):
+  """The whole SwiGLU in tile space (CPU): one gather of tokens into expert tiles, three tile
+  matmuls, one gather back to assignments [T, K, D]. Padding slots hold zero rows, and
+  silu(0) * 0 = 0 keeps them zero through the FFN."""
+  (t, d), m, n_experts = x.shape, order.shape[0], w_gate.shape[0]
+  tile = default_tile(m, n_experts)
+  layout = tile_layout(group_sizes, m, n_experts, tile)
+  n_slots = layout.rows.shape[0]
+  slot_of_sorted = jnp.where(layout.valid, layout.slot, n_slots)  # dropped -> the zero row
+  slot_of_assignment = slot_of_sorted[jnp.argsort(order)]  # [M]
+  assignment_of_slot = jnp.concatenate([order, jnp.array([m])])[layout.rows]  # [N*B], M = pad
+  token_of_slot = jnp.where(assignment_of_slot < m, assignment_of_slot // top_k, t)
+  x_tiles = gather_rows(x, token_of_slot, slot_of_assignment.reshape(t, top_k))
+  x_tiles = x_tiles.reshape(-1, tile, d)
+  gate = tile_matmul(x_tiles, w_gate, layout.tile_group)
+  up = tile_matmul(x_tiles, w_up, layout.tile_group)
+  y_tiles = tile_matmul(jax.nn.silu(gate) * up, w_down, layout.tile_group)
+  out = gather_rows(y_tiles.reshape(n_slots, d), slot_of_assignment, assignment_of_slot[:, None])
+  return out.reshape(t, top_k, d)
 
 
 def moe_dense_oracle(x, routing: Routing, w_gate, w_up, w_down, keep=None):

@@ -56,3 +56,19 @@ def test_gradients_match_per_group_einsum(impl):
 def test_unknown_impl_is_rejected():
   with pytest.raises(ValueError, match="impl"):
     grouped_matmul(jnp.ones((2, 2)), jnp.ones((1, 2, 2)), jnp.array([2]), impl="megablox")
+
+
+def test_gather_rows_gradient_is_the_scatter_add_autodiff_would_give():
+  from deepseek_jax.model.grouped_matmul import gather_rows
+  # 3 source rows, 5 output rows: row 0 read twice, row 2 never, two outputs read the zero row.
+  x = jax.random.normal(jax.random.key(2), (3, 4))
+  src = jnp.array([0, 3, 1, 0, 3])
+  inv = jnp.array([[0, 3], [2, 5], [5, 5]])  # readers of each source row; 5 = none
+  cotangent = jax.random.normal(jax.random.key(3), (5, 4))
+
+  def reference(x):
+    return (jnp.concatenate([x, jnp.zeros((1, 4))])[src] * cotangent).sum()
+
+  np.testing.assert_allclose(gather_rows(x, src, inv), jnp.concatenate([x, jnp.zeros((1, 4))])[src])
+  np.testing.assert_allclose(jax.grad(lambda x: (gather_rows(x, src, inv) * cotangent).sum())(x),
+                             jax.grad(reference)(x), atol=1e-6)

@@ -131,3 +131,14 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
   assert "Last good checkpoint: step" in proc.stderr
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
   assert steps and all(np.isfinite(v).all() for _, v in _flatten(_state(tmp_path, steps[-1])))
+
+
+def test_cpu_xla_flags_are_appended_but_a_users_setting_wins(monkeypatch):
+  from deepseek_jax.train.trainer import CPU_XLA_FLAGS, set_cpu_xla_flags
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  set_cpu_xla_flags()
+  assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2",
+                                             *CPU_XLA_FLAGS]
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
+  set_cpu_xla_flags()
+  assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"
