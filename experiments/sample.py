@@ -19,7 +19,9 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
   del argv
-  prompts = [p.encode().decode("unicode_escape") for p in _PROMPTS.value] if _PROMPTS.value else None
+  # "\n" and "\t" typed on a command line become a newline and a tab.
+  prompts = ([p.replace("\\n", "\n").replace("\\t", "\t") for p in _PROMPTS.value]
+             if _PROMPTS.value else None)
   trainer.run_cli(trainer.sample, _CONFIG.value, _WORKDIR.value, prompts=prompts, step=_STEP.value)
 
 
