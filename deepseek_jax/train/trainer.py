@@ -12,6 +12,7 @@ its parameters and loss curve are bitwise those of an uninterrupted run.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import math
@@ -59,6 +60,25 @@ def set_cpu_xla_flags() -> None:
   current = os.environ.get("XLA_FLAGS", "")
   extra = [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in current]
   os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
+
+
+def parse_flags(argv):
+  """absl's flag parser for the entry points (``app.run(main, flags_parser=parse_flags)``): a
+  misspelt ``--config.a.b`` raises deep inside ml_collections; report it in one line."""
+  from absl import app
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    detail = str(e.args[0] if e.args else e)
+    for _ in range(2):  # ml_collections nests repr()s of the KeyError message
+      try:
+        detail = str(ast.literal_eval(detail))
+      except (ValueError, SyntaxError):
+        break
+    detail = detail.replace("\n", "; ")
+    print(f"error: unknown config field in a --config.* override: {detail}; the fields are in "
+          "deepseek_jax/train/config.py:default_config", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def run_cli(fn, *args, **kwargs):

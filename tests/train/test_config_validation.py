@@ -77,3 +77,18 @@ def test_unknown_field_in_a_config_file_is_rejected():
 def test_a_valid_config_builds_without_compiling():
   setup = trainer.build_setup(_tiny(batch_size=16))
   assert setup.model_cfg.name == "tiny" and dict(setup.mesh.shape)["fsdp"] == 4
+
+
+def test_a_misspelt_override_is_one_error_line_and_exit_1(tmp_path):
+  import subprocess
+  import sys
+  script = os.path.join(CONFIGS, "..", "train.py")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, script, f"--config={CONFIGS}/tiny.py",
+                        f"--workdir={tmp_path / 'run'}", "--config.train.stpes=5"],
+                       capture_output=True, text=True, env=env, timeout=300)
+  assert out.returncode == 1
+  errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and 'Did you mean "steps"' in errors[0], out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
+  assert not (tmp_path / "run").exists()  # nothing written
