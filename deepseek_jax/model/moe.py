@@ -196,6 +196,8 @@ def routed_experts(x, routing: Routing, w_gate, w_up, w_down, keep=None, *, impl
     up = grouped_matmul(x_sorted, w_up, group_sizes, impl=impl)
     out_sorted = grouped_matmul(jax.nn.silu(gate) * up, w_down, group_sizes, impl=impl)
     out = out_sorted[jnp.argsort(order)].reshape(t, top_k, -1)
+    if keep is not None:  # dropped rows are past every group; a kernel may leave them unset
+      out = jnp.where(keep.reshape(t, top_k, 1), out, 0)
   return jnp.einsum("TKD,TK->TD", out.astype(jnp.float32), weights).astype(x.dtype)
 
 

@@ -96,13 +96,22 @@ class MetricsLogger:
     self.start_step, self.start_time = step, self.last_time
 
   def _truncate_after(self, step: int) -> None:
-    """A resumed run rewrites the steps after its checkpoint: drop their old records."""
+    """A resumed run rewrites the steps after its checkpoint: drop their old records. A line
+    cut short by a killed process is dropped too; the file is replaced atomically."""
     if not os.path.exists(self.path):
       return
+    keep = []
     with open(self.path) as f:
-      keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(self.path, "w") as f:
+      for line in f:
+        try:
+          if json.loads(line).get("step", 0) <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+        except ValueError:
+          continue
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
       f.writelines(keep)
+    os.replace(tmp, self.path)
 
   def log(self, step: int, metrics: dict) -> dict:
     """``metrics``: host values of one step's metrics. Returns the record written."""

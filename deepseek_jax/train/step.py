@@ -71,13 +71,23 @@ def init_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, m
   return graphdef, TrainState(step, params, rest, opt_state), sh
 
 
-def _split_micro(batch: dict, n: int) -> dict:
-  return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
+def _split_micro(batch: dict, n: int, sharding=None) -> dict:
+  """[B, ...] -> [n, B/n, ...] with micro-batch i = rows i, i+n, i+2n, ...: every device's
+  contiguous block of rows splits evenly over the micro-batches, so each one stays sharded over
+  the batch axes (a contiguous split would gather whole micro-batches onto every device)."""
+  def split(x):
+    x = x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1)
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+  return jax.tree.map(split, batch)
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tx, options: StepOptions,
-               model_cfg: ModelConfig):
-  """One optimizer step on a global batch. Returns (new state, metrics)."""
+               model_cfg: ModelConfig, micro_sharding=None):
+  """One optimizer step on a global batch. Returns (new state, metrics).
+
+  With ``grad_accum`` micro-batches the result equals the full-batch step for the default
+  per-sequence balance losses. Batch-scope balance losses and V2 capacity dropping are computed
+  per micro-batch (as Megatron and DeepSpeed do), so they differ from one large batch."""
   n_micro = options.grad_accum
   norms = batch_normalizers(batch, model_cfg.n_mtp_modules, n_micro)
   lam = None if options.mtp_weight is None else options.mtp_weight(state.step)
@@ -90,7 +100,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, options: StepOpt
   if n_micro == 1:
     (_, metrics), grads = grad_fn(state.params, batch)
   else:
-    micro = _split_micro(batch, n_micro)
+    micro = _split_micro(batch, n_micro, micro_sharding)
     first = jax.tree.map(lambda x: x[0], micro)
     shapes = jax.eval_shape(grad_fn, state.params, first)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][1], shapes[1]))
@@ -124,7 +134,9 @@ def jit_train_step(model_cfg: ModelConfig, graphdef, tx, options: StepOptions,
                    shardings: TrainState, mesh: Mesh, rules: Rules):
   """The compiled step: explicit in/out shardings, the state donated."""
   replicated = NamedSharding(mesh, PartitionSpec())
+  batch_sh = batch_sharding(mesh, rules)
+  micro_sh = NamedSharding(mesh, PartitionSpec(None, *batch_sh.spec))
   step = functools.partial(train_step, graphdef=graphdef, tx=tx, options=options,
-                           model_cfg=model_cfg)
-  return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh, rules)),
+                           model_cfg=model_cfg, micro_sharding=micro_sh)
+  return jax.jit(step, in_shardings=(shardings, batch_sh),
                  out_shardings=(shardings, replicated), donate_argnums=(0,))

@@ -192,8 +192,10 @@ def init_train_state_abstract(setup: Setup, graphdef) -> TrainState:
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop saves at the next step and stops (multi-host: agreed on
-  through jax's preemption sync point, so every process saves the same step)."""
+  """SIGTERM sets a flag; the loop saves at the next step and stops. With several processes
+  the flags are all-gathered every step (plus jax's preemption sync point), so every process
+  stops at, and saves, the same step even when the signal reaches the hosts at different
+  steps (a process alone in a collective save would hang)."""
 
   def __init__(self):
     self.requested = False
@@ -205,7 +207,8 @@ class _Preemption:
 
   def reached(self, step: int) -> bool:
     if jax.process_count() > 1:
-      return self.requested or multihost_utils.reached_preemption_sync_point(step)
+      anyone = bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+      return multihost_utils.reached_preemption_sync_point(step) or anyone
     return self.requested
 
   def restore(self):
@@ -272,8 +275,8 @@ def train(config, workdir: str) -> dict:
               "config.optimizer.learning_rate or raise warmup_steps, then rerun to resume.")
         if step % c.train.log_every == 0 or last:
           record = logger.log(step, host)
-        if c.train.eval_every and step % c.train.eval_every == 0:
-          say(f"eval at step {step}: {_evaluate_state(setup, graphdef, state)}")
+      if c.train.eval_every and step % c.train.eval_every == 0:
+        say(f"eval at step {step}: {_evaluate_state(setup, graphdef, state)}")
       if due_save or stop:
         ckpt.save(step, state, data_iter, record_cfg, force=True)
       if stop:
@@ -301,8 +304,20 @@ def _evaluate_state(setup: Setup, graphdef, state: TrainState, max_batches: Opti
   eval_fn = _eval_fn(graphdef)
   total = count = 0.0
   limit = max_batches or c.train.eval_batches
-  for i, local in enumerate(make_data(setup, "eval", repeat=False)):
-    if i >= limit:
+  batches, template = iter(make_data(setup, "eval", repeat=False)), None
+  for _ in range(limit):
+    local = next(batches, None)
+    if jax.process_count() > 1:
+      # Shards can hold different numbers of batches; every process must run the same number
+      # of (collective) eval steps, so one that has run out feeds a fully masked batch.
+      # (A process with no batch at all has no template, and then all stop together.)
+      ran_out = multihost_utils.process_allgather(
+          np.array([local is None, local is None and template is None]))
+      if ran_out[:, 0].all() or ran_out[:, 1].any():
+        break
+      local = local if local is not None else {k: v[:0] for k, v in template.items()}
+      template = local
+    elif local is None:
       break
     local = data_lib.pad_batch(local, c.train.batch_size // jax.process_count())
     m = jax.device_get(eval_fn(state.params, state.model_state, global_batch(setup, local)))

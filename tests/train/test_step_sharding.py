@@ -91,3 +91,18 @@ def test_gradient_accumulation_equals_the_full_batch_step():
   for a, b in zip(jax.tree.leaves(bias1), jax.tree.leaves(bias2)):  # same global-load update
     np.testing.assert_array_equal(a, b)
   assert float(np.abs(jax.tree.leaves(bias1)[0]).max()) > 0  # and the bias did move
+
+
+def test_micro_batches_stay_sharded_over_the_batch_axes():
+  """Gradient accumulation must not gather a whole micro-batch of tokens onto every device."""
+  import re
+  mesh = make_mesh(dict(data=2), jax.devices()[:2])
+  rules = get_rules("fsdp")
+  tx = _tx()
+  graphdef, state, sh = init_train_state(CFG, tx, mesh, rules, seed=0)
+  step = jit_train_step(CFG, graphdef, tx, StepOptions(grad_accum=2), sh, mesh, rules)
+  batch = jax.device_put(_batch(), batch_sharding(mesh, rules))
+  hlo = step.lower(state, batch).compile().as_text()
+  # Token arrays are [..., T=32]; a gather of them would be an all-gather yielding s32[..., 32].
+  gathered = [l for l in hlo.splitlines() if "all-gather(" in l and re.search(r"s32\[[\d,]*32\]", l)]
+  assert not gathered, gathered[:2]
