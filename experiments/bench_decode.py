@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import os
-import platform
 import time
 
 from absl import app, flags
@@ -30,6 +29,7 @@ from flax import nnx
 from deepseek_jax import analytics
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.transformer import create_model, init_cache
+from deepseek_jax.train.metrics import host_cpu_name
 
 _PRESET = flags.DEFINE_string("preset", "small", "model preset")
 _CONTEXTS = flags.DEFINE_list("contexts", ["512", "2048", "8192"], "cache lengths (tokens)")
@@ -48,13 +48,8 @@ VARIANTS = {
 
 def hardware() -> str:
   device = jax.devices()[0]
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  return (f"{device.platform}:{device.device_kind} x{jax.device_count()} | host CPU {cpu}, "
+  return (f"{device.platform}:{device.device_kind} x{jax.device_count()} | "
+          f"host CPU {host_cpu_name()}, "
           f"{os.cpu_count()} cores | jax {jax.__version__}")
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -145,19 +144,14 @@ def main(argv):
     print(json.dumps(run_jax() if _ONLY.value == "jax" else run_hf()))
     return
   from deepseek_jax import analytics
-  from deepseek_jax.train.metrics import device_peak_flops
+  from deepseek_jax.train.metrics import device_peak_flops, host_cpu_name
 
   cfg = _model_config()
   tokens = _BATCH.value * _SEQ.value
   flops = analytics.train_flops_per_token(cfg, _SEQ.value)
   ours = _child("jax")
   peak, peak_source = device_peak_flops()
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
+  cpu = host_cpu_name()
   print(f"# bench_train: preset={cfg.name} batch={_BATCH.value} seq_len={_SEQ.value} "
         f"dtype={cfg.dtype} mtp={'on' if cfg.n_mtp_modules else 'off'} "
         f"({analytics.summary(cfg, _SEQ.value).splitlines()[0]})")

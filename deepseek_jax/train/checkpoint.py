@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import grain
 import jax
@@ -107,9 +107,3 @@ def config_record(config, model_cfg) -> dict:
   """What is stored beside each checkpoint: the experiment config and the resolved model."""
   return {"experiment": json.loads(config.to_json_best_effort()),
           "model_config": model_cfg.to_dict()}
-
-
-def abstract_like(tree, shardings) -> Any:
-  """ShapeDtypeStructs of ``tree`` (arrays or abstract) carrying ``shardings``."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)

@@ -13,7 +13,6 @@ import math
 import os
 import sys
 import time
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +49,16 @@ def device_peak_flops(override: float = 0.0) -> tuple[float, str]:
   if jax.default_backend() == "cpu":
     return measure_cpu_peak(), "measured f32 matmul"
   return 0.0, f"unknown device {kind!r}"
+
+
+def host_cpu_name() -> str:
+  """The host CPU's model name (/proc/cpuinfo), for benchmark headers."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    import platform
+    return platform.processor() or platform.machine()
 
 
 def expert_load_stats(load: np.ndarray) -> dict:

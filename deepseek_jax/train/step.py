@@ -50,19 +50,25 @@ class StepOptions:
   router_bias_rate: Callable = None  # step -> gamma
 
 
-def state_shardings_for(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                        rules: Rules):
-  """(graphdef, TrainState of NamedSharding) from abstract shapes only."""
+def abstract_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                         rules: Rules):
+  """(graphdef, shardings, abstract) from abstract shapes only: ``shardings`` is a TrainState of
+  NamedSharding, ``abstract`` a TrainState of ShapeDtypeStructs carrying them (a restore target)."""
   graphdef, params, rest = nnx.split(abstract_model(model_cfg), nnx.Param, ...)
+  opt_state = jax.eval_shape(tx.init, params)
   param_sh, rest_sh = state_shardings(params, mesh, rules), state_shardings(rest, mesh, rules)
-  opt_sh = tree_shardings_like(jax.eval_shape(tx.init, params), params, param_sh, mesh)
-  return graphdef, TrainState(NamedSharding(mesh, PartitionSpec()), param_sh, rest_sh, opt_sh)
+  opt_sh = tree_shardings_like(opt_state, params, param_sh, mesh)
+  shardings = TrainState(NamedSharding(mesh, PartitionSpec()), param_sh, rest_sh, opt_sh)
+  abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, rest, opt_state)
+  abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                          abstract, shardings)
+  return graphdef, shardings, abstract
 
 
 def init_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
                      rules: Rules, seed: int):
   """Initialise parameters and optimizer state directly in their shards."""
-  graphdef, sh = state_shardings_for(model_cfg, tx, mesh, rules)
+  graphdef, sh, _ = abstract_train_state(model_cfg, tx, mesh, rules)
   full_sh = nnx.merge_state(sh.params, sh.model_state)
   model = create_model(model_cfg, seed, shardings=full_sh)
   _, params, rest = nnx.split(model, nnx.Param, ...)

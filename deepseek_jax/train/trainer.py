@@ -22,7 +22,6 @@ import sys
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -36,13 +35,12 @@ from deepseek_jax.parallel.mesh import batch_shards, make_mesh
 from deepseek_jax.parallel.partitioning import batch_sharding, get_rules
 from deepseek_jax.train import config as config_lib
 from deepseek_jax.train import data as data_lib
-from deepseek_jax.train.checkpoint import (Checkpointer, abstract_like, check_compatible,
-                                           config_record)
+from deepseek_jax.train.checkpoint import Checkpointer, check_compatible, config_record
 from deepseek_jax.train.loss import loss_fn
 from deepseek_jax.train.metrics import MetricsLogger, device_peak_flops, say
 from deepseek_jax.train.optimizer import lr_schedule, make_optimizer, piecewise_constant
-from deepseek_jax.train.step import (StepOptions, TrainState, init_train_state, jit_train_step,
-                                     state_shardings_for)
+from deepseek_jax.train.step import (StepOptions, TrainState, abstract_train_state,
+                                     init_train_state, jit_train_step)
 
 
 class TrainingDiverged(RuntimeError):
@@ -175,20 +173,16 @@ def restore_or_init(setup: Setup, ckpt: Checkpointer, data_iter):
     graphdef, state, shardings = init_train_state(setup.model_cfg, setup.tx, setup.mesh,
                                                   setup.rules, setup.config.seed)
     return graphdef, state, shardings, 0
-  check_compatible(ckpt.saved_config(latest), config_record(setup.config, setup.model_cfg),
+  return (*_restore(setup, ckpt, latest, data_iter), latest)
+
+
+def _restore(setup: Setup, ckpt: Checkpointer, step: int, data_iter=None):
+  """(graphdef, state, shardings) of checkpoint ``step``, after checking it is this model."""
+  check_compatible(ckpt.saved_config(step), config_record(setup.config, setup.model_cfg),
                    ckpt.directory)
-  graphdef, shardings = state_shardings_for(setup.model_cfg, setup.tx, setup.mesh, setup.rules)
-  abstract = jax.eval_shape(lambda: init_train_state_abstract(setup, graphdef))
-  state = ckpt.restore(latest, abstract_like(abstract, shardings), data_iter)
-  return graphdef, state, shardings, latest
-
-
-def init_train_state_abstract(setup: Setup, graphdef) -> TrainState:
-  """The TrainState's shapes and dtypes (used under eval_shape: nothing is allocated)."""
-  from deepseek_jax.model.transformer import DeepSeekModel
-  model = DeepSeekModel(setup.model_cfg, rngs=nnx.Rngs(0))
-  _, params, rest = nnx.split(model, nnx.Param, ...)
-  return TrainState(jnp.int32(0), params, rest, setup.tx.init(params))
+  graphdef, shardings, abstract = abstract_train_state(setup.model_cfg, setup.tx, setup.mesh,
+                                                       setup.rules)
+  return graphdef, ckpt.restore(step, abstract, data_iter), shardings
 
 
 class _Preemption:
@@ -352,10 +346,7 @@ def _load_for_inference(config, workdir: str, step: Optional[int]):
   step = step or ckpt.latest_step()
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first with --workdir={workdir}")
-  check_compatible(ckpt.saved_config(step), config_record(config, setup.model_cfg), ckpt.directory)
-  graphdef, shardings = state_shardings_for(setup.model_cfg, setup.tx, setup.mesh, setup.rules)
-  abstract = jax.eval_shape(lambda: init_train_state_abstract(setup, graphdef))
-  state = ckpt.restore(step, abstract_like(abstract, shardings))
+  graphdef, state, _ = _restore(setup, ckpt, step)
   ckpt.close()
   return setup, graphdef, state, step
 

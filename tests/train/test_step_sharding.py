@@ -1,7 +1,6 @@
 """The partitioned train step on 8 fake CPU devices equals the single-device step."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
