@@ -19,11 +19,14 @@ setup(
         "ml-collections",
         "absl-py",
         "numpy",
+        "ml_dtypes",  # bfloat16 / float8 for safetensors I/O (also a jax dependency)
         "grain",  # the data pipeline
         "tensorboardX",  # event files for TensorBoard without TensorFlow
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist", "tokenizers"],
+        # transformers + a CPU torch: the HF parity tests (tests/interop) are part of the suite.
+        "test": ["pytest>=8", "pytest-xdist", "tokenizers", "torch==2.13.0", "transformers>=5.0",
+                 "safetensors"],
         "tpu": ["jax[tpu]>=0.10.2,<0.12"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.12"],
         # torch is pinned: an unpinned torch pulls several GB of CUDA wheels.

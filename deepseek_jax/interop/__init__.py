@@ -1,1 +1,2 @@
-"""Interoperability with HuggingFace transformers (configs now; weights follow)."""
+"""Interoperability: HF-format DeepSeek checkpoints (config.json + safetensors) and orbax
+parameter checkpoints; ``python -m deepseek_jax.convert`` converts between them."""

@@ -91,7 +91,7 @@ def run_cli(fn, *args, **kwargs):
     logging.getLogger().setLevel(logging.WARNING)
   try:
     return fn(*args, **kwargs)
-  except (ValueError, FileNotFoundError, TrainingDiverged) as e:
+  except (ValueError, FileNotFoundError, FileExistsError, TrainingDiverged) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
 

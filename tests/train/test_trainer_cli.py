@@ -148,3 +148,22 @@ def test_cpu_xla_flags_are_appended_but_a_users_setting_wins(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
   set_cpu_xla_flags()
   assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"
+
+
+def test_a_training_workdir_converts_to_hf_and_back_to_the_same_weights(reference_run, tmp_path):
+  from flax import nnx
+
+  from deepseek_jax.interop.hf_checkpoint import load_hf_checkpoint
+  from deepseek_jax.interop.orbax_params import load_model
+
+  workdir, _ = reference_run
+  proc = subprocess.run([sys.executable, "-m", "deepseek_jax.convert", f"--from_orbax={workdir}",
+                         f"--to_hf={tmp_path / 'hf'}", "--step=20"], env=_env(),
+                        capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  trained = load_model(str(workdir), step=20)
+  saved = _state(workdir, 20)["params"]
+  np.testing.assert_array_equal(np.asarray(trained.embed.embedding[...]), saved["embed"]["embedding"])
+  exported = dict(nnx.to_flat_state(nnx.state(load_hf_checkpoint(str(tmp_path / "hf")))))
+  for path, variable in nnx.to_flat_state(nnx.state(trained)):
+    np.testing.assert_array_equal(np.asarray(exported[path][...]), np.asarray(variable[...]))

@@ -1,0 +1,396 @@
+"""Load and save DeepSeek-V2 / V2-Lite / V3 / R1 checkpoints in HF format (safetensors).
+
+    model = load_hf_checkpoint("/ckpt/DeepSeek-V2-Lite")                  # one device
+    model = load_hf_checkpoint("/ckpt/DeepSeek-V3", mesh=mesh, rules="fsdp")  # sharded, any size
+    save_hf_checkpoint(model, "/out/my-model")                            # back to HF format
+
+Name map, per decoder layer i (HF ``model.layers.{i}.``; ours ``dense_layers[i]`` for
+i < first_k_dense_replace, ``moe_layers[i - k]`` after; HF [out, in] matrices are transposed to
+our [in, out] einsum layout, per-head axes split out):
+
+    input_layernorm / post_attention_layernorm      attn_norm / ffn_norm
+    self_attn.q_a_proj [Q, D] / q_a_layernorm         attention.query.wq_a [D, Q] / q_norm
+    self_attn.q_b_proj [N(H+R), Q] (or q_proj [.., D]) attention.query.wq_b [Q, N, H+R] (wq)
+    self_attn.kv_a_proj_with_mqa [C+R, D]             attention.wkv_a [D, C+R]
+    self_attn.kv_a_layernorm                          attention.kv_norm
+    self_attn.kv_b_proj [N(H+V), C]                   attention.w_uk [C, N, H] + w_uv [C, N, V]
+    self_attn.o_proj [D, NV]                          attention.wo [N, V, D]
+    mlp.{gate,up,down}_proj (dense layers)            ffn.w_gate / w_up [D, F], w_down [F, D]
+    mlp.gate.weight [E, D] / .e_score_correction_bias ffn.gate [D, E] / ffn.router_bias [E]
+    mlp.experts.{e}.{gate,up,down}_proj (hub layout)  ffn.w_gate[e], w_up[e] [D, F], w_down[e] [F, D]
+    mlp.experts.gate_up_proj [E, 2F, D] (v5 fused)    ffn.w_gate, w_up [E, D, F] (gate rows first)
+    mlp.experts.down_proj [E, D, F] (v5 fused)        ffn.w_down [E, F, D]
+    mlp.shared_experts.{gate,up,down}_proj            ffn.shared.w_*
+
+plus ``model.embed_tokens``, ``model.norm``, ``lm_head`` [V, D] (absent when tied). MTP depth j
+is HF layer ``num_hidden_layers + j - 1`` (V3: 61): a full block plus ``enorm``, ``hnorm``,
+``eh_proj`` [D, 2D] and ``shared_head.norm``; its ``embed_tokens`` and ``shared_head.head`` are
+copies of the shared embedding and head, checked for shape, skipped on load, written on save.
+
+FP8 checkpoints (V3/R1: float8_e4m3fn weights with a ``weight_scale_inv`` per 128x128 block)
+are dequantised on load, w = q * s block-wise in float32, then cast to ``param_dtype`` (bf16 for
+released FP8 checkpoints, as DeepSeek's own fp8_cast_bf16 does). FP8 is not kept: there is no
+FP8 execution path to keep it for yet.
+
+Memory: every weight is built by ``jax.make_array_from_callback`` from memory-mapped tensors,
+shard by shard: a process reads only the pieces its devices hold, and the host holds at most
+one device shard plus the source tensor it is cut from. Saving writes tensor by tensor.
+Everything is validated (files, names, shapes) before any weight is read.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shutil
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.interop.hf_config import from_hf_config, to_hf_config
+from deepseek_jax.interop.safetensors_io import CheckpointError, CheckpointReader, TensorPlan, write_checkpoint
+from deepseek_jax.model.transformer import DeepSeekModel, abstract_model
+from deepseek_jax.parallel.partitioning import get_rules, state_shardings
+
+EXPERT_LAYOUTS = ("hub", "fused")
+_FP8 = (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
+
+
+class Codec(NamedTuple):
+  """HF tensor <-> our piece(s). ``decode`` returns numpy views (nothing copied)."""
+
+  decode: Callable[[np.ndarray], tuple]
+  encode: Callable[..., np.ndarray]
+
+
+_IDENTITY = Codec(lambda x: (x,), lambda w: w)
+_TRANSPOSE = Codec(lambda x: (x.T,), lambda w: w.T)
+_EXPERTS_T = Codec(lambda x: (x.transpose(0, 2, 1),), lambda w: w.transpose(0, 2, 1))
+
+
+def _heads_out(n: int, h: int) -> Codec:
+  """[N*H, In] <-> [In, N, H]: an output projection split into heads."""
+  return Codec(lambda x: (x.T.reshape(x.shape[1], n, h),), lambda w: w.reshape(w.shape[0], n * h).T)
+
+
+def _heads_in(n: int, v: int) -> Codec:
+  """o_proj [D, N*V] <-> [N, V, D]."""
+  return Codec(lambda x: (x.T.reshape(n, v, x.shape[0]),), lambda w: w.reshape(n * v, w.shape[-1]).T)
+
+
+def _kv_b(n: int, h: int, v: int) -> Codec:
+  """kv_b_proj [N*(H+V), C] <-> (W_UK [C, N, H], W_UV [C, N, V]); per head, key rows first."""
+
+  def decode(x):
+    y = x.reshape(n, h + v, x.shape[-1])
+    return y[:, :h].transpose(2, 0, 1), y[:, h:].transpose(2, 0, 1)
+
+  def encode(uk, uv):
+    y = np.concatenate([uk.transpose(1, 2, 0), uv.transpose(1, 2, 0)], axis=1)
+    return y.reshape(n * (h + v), y.shape[-1])
+
+  return Codec(decode, encode)
+
+
+def _gate_up(f: int) -> Codec:
+  """Fused experts gate_up_proj [E, 2F, D] <-> (w_gate, w_up) [E, D, F]."""
+  return Codec(lambda x: (x[:, :f].transpose(0, 2, 1), x[:, f:].transpose(0, 2, 1)),
+               lambda g, u: np.concatenate([g.transpose(0, 2, 1), u.transpose(0, 2, 1)], axis=1))
+
+
+class Entry(NamedTuple):
+  """One HF tensor: its name and shape, and the (our leaf path, leading index) pieces it holds."""
+
+  name: str
+  shape: tuple[int, ...]
+  targets: tuple  # ((leaf path, lead index), ...), one per codec part
+  codec: Codec
+  float32: bool = False  # always stored in float32 (the score-correction bias)
+  copy: bool = False  # a duplicate of another tensor (MTP embedding/head): written, not read
+
+
+def _block_entries(cfg: ModelConfig, prefix: str, base: tuple, lead: tuple, moe: bool,
+                   layout: str) -> list[Entry]:
+  d, n, c = cfg.d_model, cfg.n_heads, cfg.kv_lora_rank
+  h, r, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+  out: list[Entry] = []
+
+  def add(name, shape, leaves, codec, lead_=lead, **kw):
+    out.append(Entry(prefix + name, tuple(shape), tuple((base + leaf, lead_) for leaf in leaves),
+                     codec, **kw))
+
+  add("input_layernorm.weight", (d,), [("attn_norm", "scale")], _IDENTITY)
+  add("post_attention_layernorm.weight", (d,), [("ffn_norm", "scale")], _IDENTITY)
+  q = ("attention", "query")
+  if cfg.q_lora_rank:
+    add("self_attn.q_a_proj.weight", (cfg.q_lora_rank, d), [q + ("wq_a",)], _TRANSPOSE)
+    add("self_attn.q_a_layernorm.weight", (cfg.q_lora_rank,), [q + ("q_norm", "scale")], _IDENTITY)
+    add("self_attn.q_b_proj.weight", (n * (h + r), cfg.q_lora_rank), [q + ("wq_b",)], _heads_out(n, h + r))
+  else:
+    add("self_attn.q_proj.weight", (n * (h + r), d), [q + ("wq",)], _heads_out(n, h + r))
+  add("self_attn.kv_a_proj_with_mqa.weight", (c + r, d), [("attention", "wkv_a")], _TRANSPOSE)
+  add("self_attn.kv_a_layernorm.weight", (c,), [("attention", "kv_norm", "scale")], _IDENTITY)
+  add("self_attn.kv_b_proj.weight", (n * (h + v), c), [("attention", "w_uk"), ("attention", "w_uv")],
+      _kv_b(n, h, v))
+  add("self_attn.o_proj.weight", (d, n * v), [("attention", "wo")], _heads_in(n, v))
+  if not moe:
+    f = cfg.dense_ffn_dim
+    for proj, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
+      add(f"mlp.{proj}_proj.weight", shape, [("ffn", f"w_{proj}")], _TRANSPOSE)
+    return out
+  e, f = cfg.n_routed_experts, cfg.moe_ffn_dim
+  add("mlp.gate.weight", (e, d), [("ffn", "gate")], _TRANSPOSE)
+  if cfg.router_bias:
+    add("mlp.gate.e_score_correction_bias", (e,), [("ffn", "router_bias")], _IDENTITY, float32=True)
+  if layout == "hub":
+    for x in range(e):
+      for proj, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
+        add(f"mlp.experts.{x}.{proj}_proj.weight", shape, [("ffn", f"w_{proj}")], _TRANSPOSE,
+            lead_=lead + (x,))
+  else:
+    add("mlp.experts.gate_up_proj", (e, 2 * f, d), [("ffn", "w_gate"), ("ffn", "w_up")], _gate_up(f))
+    add("mlp.experts.down_proj", (e, d, f), [("ffn", "w_down")], _EXPERTS_T)
+  if cfg.n_shared_experts:
+    fs = cfg.n_shared_experts * f
+    for proj, shape in (("gate", (fs, d)), ("up", (fs, d)), ("down", (d, fs))):
+      add(f"mlp.shared_experts.{proj}_proj.weight", shape, [("ffn", "shared", f"w_{proj}")],
+          _TRANSPOSE)
+  return out
+
+
+def weight_entries(cfg: ModelConfig, expert_layout: str = "hub") -> list[Entry]:
+  """Every HF tensor of ``cfg``'s checkpoint, in the order they are written."""
+  if expert_layout not in EXPERT_LAYOUTS:
+    raise ValueError(f"expert_layout must be one of {EXPERT_LAYOUTS}, got {expert_layout!r}")
+  d, vocab = cfg.d_model, cfg.vocab_size
+  embed = (("embed", "embedding"), ())
+  head = (("lm_head",), ()) if not cfg.tie_embeddings else embed
+  head_codec = _IDENTITY if cfg.tie_embeddings else _TRANSPOSE
+  entries = [Entry("model.embed_tokens.weight", (vocab, d), (embed,), _IDENTITY)]
+  for i in range(cfg.n_layers):
+    moe = i >= cfg.n_dense_layers
+    stack, j = ("moe_layers", i - cfg.n_dense_layers) if moe else ("dense_layers", i)
+    entries += _block_entries(cfg, f"model.layers.{i}.", (stack,), (j,), moe, expert_layout)
+  entries.append(Entry("model.norm.weight", (d,), ((("final_norm", "scale"), ()),), _IDENTITY))
+  if not cfg.tie_embeddings:
+    entries.append(Entry("lm_head.weight", (vocab, d), (head,), _TRANSPOSE))
+  for k in range(cfg.n_mtp_modules):
+    prefix, base = f"model.layers.{cfg.n_layers + k}.", ("mtp", k)
+    entries += [
+        Entry(prefix + "embed_tokens.weight", (vocab, d), (embed,), _IDENTITY, copy=True),
+        Entry(prefix + "enorm.weight", (d,), ((base + ("enorm", "scale"), ()),), _IDENTITY),
+        Entry(prefix + "hnorm.weight", (d,), ((base + ("hnorm", "scale"), ()),), _IDENTITY),
+        Entry(prefix + "eh_proj.weight", (d, 2 * d), ((base + ("eh_proj",), ()),), _TRANSPOSE),
+        Entry(prefix + "shared_head.norm.weight", (d,), ((base + ("norm", "scale"), ()),), _IDENTITY),
+        Entry(prefix + "shared_head.head.weight", (vocab, d), (head,), head_codec, copy=True),
+    ]
+    entries += _block_entries(cfg, prefix, base + ("block",), (), cfg.n_moe_layers > 0, expert_layout)
+  return entries
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+def read_hf_config(directory: str) -> dict:
+  path = os.path.join(directory, "config.json")
+  if not os.path.exists(path):
+    raise CheckpointError(f"{directory} has no config.json; is it an HF model directory?")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _detect_layout(reader: CheckpointReader, cfg: ModelConfig) -> str:
+  if cfg.n_moe_layers and f"model.layers.{cfg.n_dense_layers}.mlp.experts.gate_up_proj" in reader:
+    return "fused"
+  return "hub"
+
+
+def _scale_shape(shape, block) -> tuple[int, int]:
+  return tuple(-(-s // b) for s, b in zip(shape, block))
+
+
+def _validate(reader: CheckpointReader, entries: list[Entry], cfg: ModelConfig, block) -> None:
+  """Every expected tensor present with its shape, nothing unexplained left over."""
+  missing, wrong, used = [], [], set()
+  for entry in entries:
+    if entry.name not in reader:
+      missing.append(entry.name)
+      continue
+    used.add(entry.name)
+    found = reader.shape(entry.name)
+    if found != entry.shape:
+      wrong.append(f"{entry.name}: checkpoint {list(found)}, model expects {list(entry.shape)}")
+    scale = entry.name + "_scale_inv"
+    if reader.tensors[entry.name].dtype in _FP8 and not entry.copy:
+      if scale not in reader:
+        raise CheckpointError(f"{entry.name} is FP8 but {scale} (its block scales) is missing")
+      used.add(scale)
+      expected = _scale_shape(found, block)
+      if len(found) != 2 or reader.shape(scale) != expected:
+        wrong.append(f"{scale}: checkpoint {list(reader.shape(scale))}, expected {list(expected)} "
+                     f"for {list(found)} weights in {list(block)} blocks")
+  if missing:
+    hint = ""
+    if all(int(re.match(r"model\.layers\.(\d+)\.", m).group(1)) >= cfg.n_layers
+           for m in missing if m.startswith("model.layers.")) and cfg.n_mtp_modules:
+      hint = " (only MTP tensors are missing: load with load_mtp=False)"
+    raise CheckpointError(f"{reader.directory}: {len(missing)} tensor(s) missing, e.g. "
+                          f"{missing[:4]}{hint}")
+  if wrong:
+    raise CheckpointError(f"{reader.directory}: shape mismatch for {len(wrong)} tensor(s): "
+                          + "; ".join(wrong[:4]) + ". Does config.json belong to these weights?")
+  extra = [k for k in reader.keys() if k not in used and not _ignored(k, cfg)]
+  if extra:
+    raise CheckpointError(f"{reader.directory}: {len(extra)} unexpected tensor(s), e.g. {extra[:4]}; "
+                          "the checkpoint holds weights this model has no place for")
+
+
+def _ignored(name: str, cfg: ModelConfig) -> bool:
+  """Tensors deliberately not loaded: MTP layers when MTP is off, a tied head's copy."""
+  m = re.match(r"model\.layers\.(\d+)\.", name)
+  if m and int(m.group(1)) >= cfg.n_layers + cfg.n_mtp_modules:
+    return True
+  return name == "lm_head.weight" and cfg.tie_embeddings
+
+
+def _read(reader: CheckpointReader, name: str, block) -> np.ndarray:
+  """The tensor as stored, or dequantised to float32 if it is FP8 (w = q * s per block)."""
+  x = reader.get(name)
+  if x.dtype not in _FP8:
+    return x
+  scale = np.asarray(reader.get(name + "_scale_inv"), np.float32)
+  expanded = np.repeat(np.repeat(scale, block[0], axis=0), block[1], axis=1)
+  return x.astype(np.float32) * expanded[:x.shape[0], :x.shape[1]]
+
+
+def _leaf_callback(reader, pieces: dict, shape, dtype, block):
+  """make_array_from_callback's data callback for one leaf: assemble the shard at ``index``
+  from the pieces (one HF tensor part each) covering its leading (layer/expert) axes."""
+  depth = len(next(iter(pieces)))
+
+  def callback(index):
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    ranges = [range(*s.indices(n)) for s, n in zip(index, shape)]
+    out = np.empty([len(r) for r in ranges], dtype)
+    for local, lead in zip(itertools.product(*[range(len(r)) for r in ranges[:depth]]),
+                           itertools.product(*ranges[:depth])):
+      entry, part = pieces[lead]
+      piece = entry.codec.decode(_read(reader, entry.name, block))[part]
+      out[local] = piece[index[depth:]]
+    return out
+
+  return callback
+
+
+def _leaf_pieces(entries: list[Entry], state) -> dict:
+  """leaf path -> {lead index: (entry, part)}, checked to cover every leaf completely."""
+  pieces: dict = {}
+  for entry in entries:
+    if entry.copy:
+      continue
+    for part, (path, lead) in enumerate(entry.targets):
+      pieces.setdefault(path, {})[lead] = (entry, part)
+  for path, variable in nnx.to_flat_state(state):
+    leads = pieces.get(path)
+    if not leads:
+      raise AssertionError(f"no checkpoint tensor maps to {path}")
+    depth = len(next(iter(leads)))
+    if len(leads) != int(np.prod(variable.shape[:depth])):
+      raise AssertionError(f"{path}: {len(leads)} pieces for leading shape {variable.shape[:depth]}")
+  return pieces
+
+
+def load_hf_checkpoint(directory: str, *, mesh: Optional[Mesh] = None, rules: str = "fsdp",
+                       load_mtp: Optional[bool] = None, **overrides) -> DeepSeekModel:
+  """An HF-format DeepSeek directory (config.json + safetensors) as a ``DeepSeekModel``.
+
+  ``overrides`` replace ModelConfig fields (``param_dtype="bfloat16"``, ``dtype=...``); by
+  default weights keep the checkpoint's dtype (FP8 ones become bfloat16). With ``mesh``, each
+  weight is created directly in its shards under the logical-axis ``rules``; otherwise on the
+  first device. ``load_mtp``: None loads the MTP module(s) if the checkpoint holds them
+  (transformers saves none, though its config counts them), True requires them, False skips them.
+  """
+  hf = read_hf_config(directory)
+  reader = CheckpointReader(directory)
+  if load_mtp is None:
+    load_mtp = f"model.layers.{hf.get('num_hidden_layers')}.eh_proj.weight" in reader
+  quant = hf.get("quantization_config") or {}
+  if quant and quant.get("quant_method", "fp8") != "fp8":
+    raise CheckpointError(f"quantization_config.quant_method={quant['quant_method']!r} is not "
+                          "supported; only DeepSeek's block-scaled FP8 is dequantised on load")
+  block = tuple(quant.get("weight_block_size") or (128, 128))
+  if quant and "param_dtype" not in overrides:
+    overrides = {"param_dtype": "bfloat16", "dtype": "bfloat16", **overrides}
+  cfg = from_hf_config(hf, load_mtp=load_mtp, **overrides)
+  entries = weight_entries(cfg, _detect_layout(reader, cfg))
+  _validate(reader, entries, cfg, block)
+
+  abstract = nnx.state(abstract_model(cfg))
+  pieces = _leaf_pieces(entries, abstract)
+  if mesh is not None:
+    shardings = state_shardings(abstract, mesh, get_rules(rules))
+  else:
+    device = SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda v: v.replace(device), abstract,
+                             is_leaf=lambda x: isinstance(x, nnx.Variable))
+  sharding_of = dict(nnx.to_flat_state(shardings))
+
+  def build(path, variable):
+    dtype = np.dtype(variable.dtype)
+    callback = _leaf_callback(reader, pieces[path], variable.shape, dtype, block)
+    return variable.replace(jax.make_array_from_callback(
+        variable.shape, sharding_of[path].get_value(), callback, dtype=dtype))
+
+  flat = [(path, build(path, variable)) for path, variable in nnx.to_flat_state(abstract)]
+  state = nnx.from_flat_state(flat)
+  graphdef = nnx.graphdef(abstract_model(cfg))
+  return nnx.merge(graphdef, state)
+
+
+# --- saving ----------------------------------------------------------------------------------------
+
+def save_hf_checkpoint(model: DeepSeekModel, directory: str, *, expert_layout: str = "hub",
+                       dtype: Optional[str] = None, max_shard_bytes: int = 5 * 2**30) -> list[str]:
+  """Write ``model`` as an HF-format directory (config.json + safetensors shards + index).
+
+  ``dtype`` casts the weights (default: as held); the score-correction bias stays float32.
+  ``expert_layout``: 'hub' (per-expert tensors, as DeepSeek releases them and as transformers
+  saves by default) or 'fused' (transformers v5's in-memory layout). The directory must not
+  exist or must be empty: nothing is overwritten. Returns the weight file names.
+  """
+  cfg = model.config
+  hf = to_hf_config(cfg, dtype=dtype)
+  if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
+    raise FileExistsError(f"{directory} exists and is not empty; choose a new directory "
+                          "(nothing is overwritten)")
+  values = {path: variable[...] for path, variable in nnx.to_flat_state(nnx.state(model))}
+  for path, value in values.items():
+    if not value.is_fully_addressable:
+      raise ValueError(f"{path} spans several processes; save from a single process")
+
+  def piece(path, lead):
+    return np.asarray(jax.device_get(values[path][lead] if lead else values[path]))
+
+  def plan(entry: Entry) -> TensorPlan:
+    out = (np.dtype(np.float32) if entry.float32 else
+           jnp.dtype(dtype or values[entry.targets[0][0]].dtype))
+    produce = lambda: entry.codec.encode(*[piece(p, lead) for p, lead in entry.targets]).astype(out)
+    return TensorPlan(entry.name, entry.shape, out, produce)
+
+  staging = os.path.abspath(directory).rstrip("/") + f".partial-{os.getpid()}"
+  shutil.rmtree(staging, ignore_errors=True)
+  names = write_checkpoint(staging, [plan(e) for e in weight_entries(cfg, expert_layout)],
+                           max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
+  with open(os.path.join(staging, "config.json"), "w") as f:
+    json.dump(hf, f, indent=2)
+  if os.path.isdir(directory):
+    os.rmdir(directory)  # empty, checked above
+  os.rename(staging, directory)
+  return names

@@ -1,0 +1,90 @@
+"""Model weights in our orbax checkpoint layout, without optimizer state.
+
+A parameters checkpoint is what the trainer writes minus the optimizer, the step counter and
+the data position: ``DIR/checkpoints/<step>/state`` holds ``{"params", "model_state"}`` and
+``DIR/checkpoints/<step>/config`` the ``model_config``. ``load_model`` reads these two out of
+either kind (a training workdir or a parameters checkpoint), restoring only the weights.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.model.transformer import DeepSeekModel, abstract_model
+from deepseek_jax.parallel.partitioning import get_rules, state_shardings
+from deepseek_jax.train.checkpoint import from_nested, to_nested
+
+_SPLIT = (nnx.Param, ...)  # params, then everything else (router biases)
+
+
+def checkpoint_root(directory: str) -> str:
+  """The folder holding step directories: ``DIR/checkpoints`` of a workdir, else ``DIR``."""
+  nested = os.path.join(directory, "checkpoints")
+  return os.path.abspath(nested if os.path.isdir(nested) else directory)
+
+
+def _manager(directory: str, create: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(create=create, enable_async_checkpointing=False)
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def save_model(model: DeepSeekModel, directory: str, *, step: int = 0,
+               extra_config: Optional[dict] = None) -> str:
+  """Write ``model`` as a parameters checkpoint at ``DIR/checkpoints/<step>``; refuses a
+  non-empty ``directory`` (nothing is overwritten). Returns the step directory."""
+  if os.path.exists(directory) and os.listdir(directory):
+    raise FileExistsError(f"{directory} exists and is not empty; choose a new directory "
+                          "(nothing is overwritten)")
+  _, params, rest = nnx.split(model, *_SPLIT)
+  root = os.path.join(os.path.abspath(directory), "checkpoints")
+  manager = _manager(root, create=True)
+  record = {"model_config": model.config.to_dict(), **(extra_config or {})}
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(to_nested({"params": params, "model_state": rest})),
+      config=ocp.args.JsonSave(record)))
+  manager.wait_until_finished()
+  manager.close()
+  return os.path.join(root, str(step))
+
+
+def load_model(directory: str, *, step: Optional[int] = None, mesh: Optional[Mesh] = None,
+               rules: str = "fsdp") -> DeepSeekModel:
+  """The model saved in a training workdir or a parameters checkpoint (latest step by default),
+  restored straight into its shardings (``mesh``) or onto the first device."""
+  root = checkpoint_root(directory)
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"no checkpoint directory at {directory}")
+  manager = _manager(root)
+  step = manager.latest_step() if step is None else step
+  if step is None or step not in manager.all_steps():
+    raise FileNotFoundError(f"no checkpoint step {step if step is not None else ''} in {root}; "
+                            f"available: {sorted(manager.all_steps())}")
+  record = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  manager.close()
+  if "model_config" not in record:
+    raise ValueError(f"{root}/{step} has no model_config; it was not written by deepseek-jax")
+  cfg = ModelConfig(**record["model_config"])
+  graphdef, params, rest = nnx.split(abstract_model(cfg), *_SPLIT)
+  if mesh is not None:
+    rules_ = get_rules(rules)
+    shardings = (state_shardings(params, mesh, rules_), state_shardings(rest, mesh, rules_))
+  else:
+    device = SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, (params, rest))
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        (params, rest), shardings)
+  nested = to_nested({"params": target[0], "model_state": target[1]})
+  handler = ocp.PyTreeCheckpointer()
+  restored = handler.restore(
+      os.path.join(root, str(step), "state"),
+      args=ocp.args.PyTreeRestore(item=nested, restore_args=ocp.checkpoint_utils.construct_restore_args(nested),
+                                  partial_restore=True))
+  state = from_nested(restored, {"params": target[0], "model_state": target[1]})
+  return nnx.merge(graphdef, state["params"], state["model_state"])
