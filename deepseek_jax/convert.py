@@ -52,6 +52,7 @@ def _mesh(spec: str):
 def convert(from_hf=None, from_orbax=None, to_hf=None, to_orbax=None, *, step=None, dtype=None,
             expert_layout="hub", max_shard_mb=5000, load_mtp=None, mesh=None) -> str:
   """Library form of the command line; returns a one-line summary."""
+  from deepseek_jax.interop import require_new_directory
   from deepseek_jax.interop.hf_checkpoint import load_hf_checkpoint, save_hf_checkpoint
   from deepseek_jax.interop.orbax_params import load_model, save_model
 
@@ -59,9 +60,7 @@ def convert(from_hf=None, from_orbax=None, to_hf=None, to_orbax=None, *, step=No
     raise ValueError("give exactly one source (--from_hf or --from_orbax) and one target "
                      "(--to_hf or --to_orbax)")
   target = to_hf or to_orbax
-  if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
-    raise FileExistsError(f"{target} exists and is not empty; choose a new directory "
-                          "(nothing is overwritten)")
+  require_new_directory(target)  # checked before the (long) load, and again by the writer
   if from_hf is not None:
     overrides = {"param_dtype": dtype, "dtype": dtype} if dtype else {}
     model = load_hf_checkpoint(from_hf, mesh=mesh, load_mtp=load_mtp, **overrides)

@@ -52,13 +52,14 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.interop.hf_config import from_hf_config, to_hf_config
 from deepseek_jax.interop.safetensors_io import CheckpointError, CheckpointReader, TensorPlan, write_checkpoint
 from deepseek_jax.model.transformer import DeepSeekModel, abstract_model
-from deepseek_jax.parallel.partitioning import get_rules, state_shardings
+from deepseek_jax.interop import require_new_directory
+from deepseek_jax.parallel.partitioning import placement
 
 EXPERT_LAYOUTS = ("hub", "fused")
 _FP8 = (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
@@ -332,15 +333,9 @@ def load_hf_checkpoint(directory: str, *, mesh: Optional[Mesh] = None, rules: st
   entries = weight_entries(cfg, _detect_layout(reader, cfg))
   _validate(reader, entries, cfg, block)
 
-  abstract = nnx.state(abstract_model(cfg))
+  graphdef, abstract = nnx.split(abstract_model(cfg))
   pieces = _leaf_pieces(entries, abstract)
-  if mesh is not None:
-    shardings = state_shardings(abstract, mesh, get_rules(rules))
-  else:
-    device = SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda v: v.replace(device), abstract,
-                             is_leaf=lambda x: isinstance(x, nnx.Variable))
-  sharding_of = dict(nnx.to_flat_state(shardings))
+  sharding_of = dict(nnx.to_flat_state(placement(abstract, mesh, rules)))
 
   def build(path, variable):
     dtype = np.dtype(variable.dtype)
@@ -349,9 +344,7 @@ def load_hf_checkpoint(directory: str, *, mesh: Optional[Mesh] = None, rules: st
         variable.shape, sharding_of[path].get_value(), callback, dtype=dtype))
 
   flat = [(path, build(path, variable)) for path, variable in nnx.to_flat_state(abstract)]
-  state = nnx.from_flat_state(flat)
-  graphdef = nnx.graphdef(abstract_model(cfg))
-  return nnx.merge(graphdef, state)
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 # --- saving ----------------------------------------------------------------------------------------
@@ -367,9 +360,7 @@ def save_hf_checkpoint(model: DeepSeekModel, directory: str, *, expert_layout: s
   """
   cfg = model.config
   hf = to_hf_config(cfg, dtype=dtype)
-  if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
-    raise FileExistsError(f"{directory} exists and is not empty; choose a new directory "
-                          "(nothing is overwritten)")
+  require_new_directory(directory)
   values = {path: variable[...] for path, variable in nnx.to_flat_state(nnx.state(model))}
   for path, value in values.items():
     if not value.is_fully_addressable:

@@ -14,11 +14,12 @@ from typing import Optional
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.transformer import DeepSeekModel, abstract_model
-from deepseek_jax.parallel.partitioning import get_rules, state_shardings
+from deepseek_jax.interop import require_new_directory
+from deepseek_jax.parallel.partitioning import placement
 from deepseek_jax.train.checkpoint import from_nested, to_nested
 
 _SPLIT = (nnx.Param, ...)  # params, then everything else (router biases)
@@ -39,9 +40,7 @@ def save_model(model: DeepSeekModel, directory: str, *, step: int = 0,
                extra_config: Optional[dict] = None) -> str:
   """Write ``model`` as a parameters checkpoint at ``DIR/checkpoints/<step>``; refuses a
   non-empty ``directory`` (nothing is overwritten). Returns the step directory."""
-  if os.path.exists(directory) and os.listdir(directory):
-    raise FileExistsError(f"{directory} exists and is not empty; choose a new directory "
-                          "(nothing is overwritten)")
+  require_new_directory(directory)
   _, params, rest = nnx.split(model, *_SPLIT)
   root = os.path.join(os.path.abspath(directory), "checkpoints")
   manager = _manager(root, create=True)
@@ -72,12 +71,7 @@ def load_model(directory: str, *, step: Optional[int] = None, mesh: Optional[Mes
     raise ValueError(f"{root}/{step} has no model_config; it was not written by deepseek-jax")
   cfg = ModelConfig(**record["model_config"])
   graphdef, params, rest = nnx.split(abstract_model(cfg), *_SPLIT)
-  if mesh is not None:
-    rules_ = get_rules(rules)
-    shardings = (state_shardings(params, mesh, rules_), state_shardings(rest, mesh, rules_))
-  else:
-    device = SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: device, (params, rest))
+  shardings = (placement(params, mesh, rules), placement(rest, mesh, rules))
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         (params, rest), shardings)
   nested = to_nested({"params": target[0], "model_state": target[1]})

@@ -90,6 +90,15 @@ def state_shardings(state, mesh: Mesh, rules: Rules):
   return jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_variable)
 
 
+def placement(state, mesh: Optional[Mesh] = None, rules: str = "fsdp"):
+  """``state_shardings`` under the named ``rules`` with a mesh; every leaf on the first device
+  without one."""
+  if mesh is not None:
+    return state_shardings(state, mesh, get_rules(rules))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda v: v.replace(device), state, is_leaf=_is_variable)
+
+
 def tree_shardings_like(tree, params, param_shardings, mesh: Mesh):
   """Shardings for a tree (optimizer state) whose subtrees may mirror ``params``: those get
   the parameter shardings, every other leaf is replicated."""
