@@ -19,7 +19,8 @@ ATTENTION_KINDS = ("mla", "mha", "gqa")
 SCORE_FUNCS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
 BALANCE_SCOPES = ("sequence", "batch")
-GROUPED_MATMUL_IMPLS = ("auto", "ragged_dot", "tiled")
+EXPERT_EXCHANGES = ("auto", "ragged", "padded")
+GROUPED_MATMUL_IMPLS = ("auto", "ragged_dot", "tiled", "megablox", "tokamax")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -74,6 +75,10 @@ class ModelConfig:
   device_balance_coef: float = 0.0  # V2 alpha_2
   comm_balance_coef: float = 0.0  # V2 alpha_3
   grouped_matmul: str = "auto"
+  # expert parallelism (when the mesh's expert axis is > 1; no effect on the function computed
+  # unless the receive buffer overflows, which is counted in the "overflow" metric)
+  expert_exchange: str = "auto"  # auto | ragged (ragged_all_to_all) | padded (all_to_all)
+  expert_buffer_factor: Optional[float] = None  # None: worst-case receive buffer, never overflows
 
   # --- multi-token prediction (V3 §2.2) ---
   n_mtp_modules: int = 0  # D
@@ -230,6 +235,11 @@ def _validate(c: ModelConfig) -> None:
       _require(getattr(c, f) >= 0, f, f"must be >= 0, got {getattr(c, f)}")
     _require(c.grouped_matmul in GROUPED_MATMUL_IMPLS, "grouped_matmul",
              f"must be one of {GROUPED_MATMUL_IMPLS}, got {c.grouped_matmul!r}")
+    _require(c.expert_exchange in EXPERT_EXCHANGES, "expert_exchange",
+             f"must be one of {EXPERT_EXCHANGES}, got {c.expert_exchange!r}")
+    _require(c.expert_buffer_factor is None or c.expert_buffer_factor > 0,
+             "expert_buffer_factor", "must be positive (1.0 = a perfectly balanced load) or "
+             f"None (worst case, never overflows), got {c.expert_buffer_factor}")
 
   _require(c.n_mtp_modules >= 0, "n_mtp_modules", "must be >= 0")
   _require(c.mtp_loss_weight >= 0, "mtp_loss_weight", "must be >= 0")

@@ -6,9 +6,18 @@ N tiles, B rows per tile.
     out[m] = x[m] @ w[g(m)]   where g(m) is the group of row m given group_sizes [E];
     rows past sum(group_sizes) (dropped assignments) produce zeros.
 
-Two implementations behind ``grouped_matmul``:
+Four implementations behind ``grouped_matmul``; ``impl="auto"`` takes megablox on TPU, tokamax
+on GPU when it is installed (else ragged_dot), and tiled on CPU:
 - ``ragged_dot``: ``jax.lax.ragged_dot``; XLA lowers it to a real grouped GEMM on GPU/TPU, but on
   CPU to a dense masked dot costing E times the FLOPs.
+- ``megablox``: the Pallas TPU kernel ``jax.experimental.pallas.ops.tpu.megablox.gmm`` (its
+  custom_vjp runs gmm with W^T for dx and tgmm for dW). It needs tm | M, so M is padded to a
+  multiple of the row tile tm (``_megablox_row_tile``), and it leaves rows past the last group
+  unwritten, so those rows of the output and of dx are zeroed here (``_rows_past_groups_zeroed``).
+  Off TPU it runs in Pallas interpret mode (slow; for tests).
+- ``tokamax``: ``tokamax.ragged_dot`` (optional package, ``pip install tokamax``), which picks
+  its Triton / Mosaic-GPU kernel on GPU and falls back to XLA elsewhere. Its kernels promise
+  nothing about rows past the groups, so they are zeroed as for megablox.
 - ``tiled`` (chosen on CPU): each group is padded to whole tiles of B rows (``tile_layout``), so
   every tile belongs to one expert, and one batched matmul "NBD,NDF->NBF" multiplies every tile
   by its expert's weight (``tile_matmul``). FLOPs are (M + E B) D F instead of E M D F. The
@@ -22,11 +31,18 @@ Two implementations behind ``grouped_matmul``:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+import functools
 from typing import NamedTuple
 
 import jax
+from jax.experimental.pallas.ops.tpu import megablox
 import jax.numpy as jnp
 import numpy as np
+
+from deepseek_jax.parallel.mesh import target_platform
+
+IMPLS = ("tiled", "ragged_dot", "megablox", "tokamax")
 
 
 class TileLayout(NamedTuple):
@@ -129,19 +145,105 @@ def default_tile(rows: int, groups: int) -> int:
   return int(min(128, max(8, 1 << (target.bit_length() - 1))))
 
 
+def _lane_block(dim: int) -> int:
+  """Largest of 512, 256, 128 dividing dim, else dim itself (a whole-dim block is always legal)."""
+  return next((b for b in (512, 256, 128) if dim % b == 0), dim)
+
+
+def _megablox_row_tile(rows: int, groups: int) -> int:
+  """Rows per megablox tile tm: the largest of 512, 256, 128 that divides M and is at most
+  max(128, M / E); each group boundary inside a tile costs a whole extra tile, so tm stays near
+  the mean group size. M <= 128 is one whole-M tile; otherwise M is padded to a multiple of 128.
+  """
+  fits = [b for b in (512, 256, 128) if b <= max(128, rows // groups) and rows % b == 0]
+  return fits[0] if fits else min(rows, 128)
+
+
+@functools.cache
+def _megablox_tiling(tm: int) -> Callable[[int, int, int], tuple[int, int, int]]:
+  """gmm's tiling lookup (m, k, n) -> (tm, tk, tn). A lookup, not a fixed triple, because the
+  backward calls see (M, F, D) for dx and (M, D, F) for dW; cached so jit sees one function."""
+  return lambda m, k, n: (tm, _lane_block(k), _lane_block(n))
+
+
+def _rows_past_groups_zeroed(kernel: Callable[[jax.Array], jax.Array], x: jax.Array,
+                             group_sizes: jax.Array) -> jax.Array:
+  """kernel(x) with the rows past sum(group_sizes) zeroed, in the output and (through the
+  ``where`` on x, whose VJP is the same select) in dx, where the kernels leave garbage (NaN in
+  Pallas interpret mode)."""
+  used = (jnp.arange(x.shape[0]) < group_sizes.sum())[:, None]
+  return jnp.where(used, kernel(jnp.where(used, x, 0)), 0)
+
+
+def _megablox(x: jax.Array, w: jax.Array, group_sizes: jax.Array, tm: int,
+              interpret: bool) -> jax.Array:
+  m = x.shape[0]
+  padded = -(-m // tm) * tm  # gmm needs tm | M; the pad rows are past the groups
+  gmm = functools.partial(megablox.gmm, rhs=w, group_sizes=group_sizes,
+                          preferred_element_type=jnp.float32, tiling=_megablox_tiling(tm),
+                          interpret=interpret)
+  x = jnp.pad(x, ((0, padded - m), (0, 0)))
+  return _rows_past_groups_zeroed(gmm, x, group_sizes)[:m]
+
+
+@functools.cache
+def _import_tokamax():
+  try:
+    import tokamax
+  except ImportError:
+    return None
+  from absl import flags
+  # tokamax reads its options as absl flags and, if nobody has parsed them, parses sys.argv on
+  # first use, which fails under pytest or Jupyter ("Unknown command line flag"): take defaults.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return tokamax
+
+
+def _tokamax(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+  tokamax = _import_tokamax()
+  if tokamax is None:
+    raise ImportError("grouped_matmul impl='tokamax' needs the tokamax package: "
+                      "pip install tokamax")
+  ragged_dot = functools.partial(tokamax.ragged_dot, rhs=w, group_sizes=group_sizes,
+                                 preferred_element_type=jnp.float32)
+  return _rows_past_groups_zeroed(ragged_dot, x, group_sizes)
+
+
 def resolve_impl(impl: str) -> str:
+  """The implementation ``impl`` names; "auto" is megablox on TPU, tokamax on GPU (ragged_dot
+  without it), tiled on CPU."""
   if impl == "auto":
-    return "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
-  if impl not in ("tiled", "ragged_dot"):
-    raise ValueError(f"grouped_matmul impl must be 'auto', 'tiled' or 'ragged_dot', got {impl!r}")
+    backend = target_platform()
+    if backend == "tpu":
+      return "megablox"
+    if backend == "gpu":
+      return "tokamax" if _import_tokamax() is not None else "ragged_dot"
+    return "tiled"
+  if impl not in IMPLS:
+    choices = ", ".join(repr(name) for name in ("auto",) + IMPLS)
+    raise ValueError(f"grouped_matmul impl must be one of {choices}, got {impl!r}")
   return impl
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, impl: str = "auto",
-                   tile: int | None = None) -> jax.Array:
-  """x [M, D] (sorted by group) @ w [E, D, F] per group -> [M, F]."""
-  if resolve_impl(impl) == "tiled":
-    return _tiled(x, w, group_sizes, tile or default_tile(x.shape[0], w.shape[0]))
-  out = jax.lax.ragged_dot(x, w, group_sizes.astype(jnp.int32),
-                           preferred_element_type=jnp.float32)
+                   tile: int | None = None, interpret: bool | None = None) -> jax.Array:
+  """x [M, D] (sorted by group) @ w [E, D, F] per group -> [M, F].
+
+  ``tile`` is the rows per tile of tiled (default ``default_tile``) and megablox (default
+  ``_megablox_row_tile``); ``interpret`` runs megablox in Pallas interpret mode (default: off
+  TPU). Both are ignored by the other implementations.
+  """
+  impl = resolve_impl(impl)
+  sizes = group_sizes.astype(jnp.int32)
+  if impl == "tiled":
+    return _tiled(x, w, sizes, tile or default_tile(x.shape[0], w.shape[0]))
+  if impl == "megablox":
+    if interpret is None:
+      interpret = target_platform() != "tpu"
+    out = _megablox(x, w, sizes, tile or _megablox_row_tile(x.shape[0], w.shape[0]), interpret)
+  elif impl == "tokamax":
+    out = _tokamax(x, w, sizes)
+  else:
+    out = jax.lax.ragged_dot(x, w, sizes, preferred_element_type=jnp.float32)
   return out.astype(x.dtype)

@@ -25,17 +25,23 @@ Balancing:
     limit included), as V2 defines it; V3's eq. 17 writes the top-K of the unbiased s instead.
 Capacity: ``capacity_factor`` None is dropless (V3). Otherwise V2's device-level dropping: the
   expert groups act as devices, each device keeps at most ceil(cf * T * K / D) of the
-  assignments sent to it (T = real tokens), and drops the lowest-affinity ones first.
+  assignments sent to it (T = real tokens), and drops the lowest-affinity ones first. T counts
+  the tokens dispatched together: the whole batch on one device, one expert-parallel group's
+  tokens (the shards along the mesh's expert axis) under expert parallelism.
   Generation never drops (the model calls the layer with ``drop_tokens=False`` when decoding).
 
-Expert compute sorts the M assignments by expert and runs three grouped matmuls
+Expert compute (``expert_ffn``) sorts the M assignments by expert and runs three grouped matmuls
 (``grouped_matmul``): only the chosen experts' FLOPs. ``moe_dense_oracle`` runs every expert on
-every token and exists only to test that.
+every token and exists only to test that. Under a mesh whose expert axis is > 1 the same
+computation runs expert-parallel (``parallel/expert_parallel.py``: all-to-all dispatch, each
+shard's experts on what it received, all-to-all combine); routing and statistics are unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import NamedTuple, Optional
 
 import jax
@@ -45,6 +51,7 @@ from flax import nnx
 from deepseek_jax.model.grouped_matmul import (default_tile, gather_rows, grouped_matmul,
                                                 resolve_impl, tile_layout, tile_matmul)
 from deepseek_jax.model.layers import SwiGLU, normal_param
+from deepseek_jax.parallel import expert_parallel
 
 
 class RouterBias(nnx.Variable):
@@ -171,48 +178,66 @@ def capacity_keep(buckets: jax.Array, priority: jax.Array, n_buckets: int, capac
   return rank < capacity
 
 
-def routed_experts(x, routing: Routing, w_gate, w_up, w_down, keep=None, *, impl="auto"):
-  """Sorted grouped-matmul expert FFNs: x [T, D] -> sum_k g_k FFN_{e_k}(x) [T, D].
+def expert_ffn(x, experts, weights, w_gate, w_up, w_down, *, impl="auto", max_rows=None):
+  """Sorted grouped-matmul expert FFNs: x [T, D] -> (sum_k w_k FFN_{e_k}(x) [T, D], overflow).
 
-  ``keep`` [T*K] marks assignments that survive the capacity limit (None: all, dropless).
+  ``experts`` [T, K] ids (>= E: slot unused, e.g. dropped), ``weights`` [T, K]. The T*K slots
+  are sorted by expert and only the first ``max_rows`` (default all) are computed; ``overflow``
+  counts the used slots past that limit (their contribution is left out).
   """
-  t, top_k = routing.experts.shape
-  n_experts = w_gate.shape[0]
-  flat_expert = routing.experts.reshape(-1)
-  weights = routing.weights
-  if keep is not None:  # dropped assignments sort past every group and get zero weight
-    flat_expert = jnp.where(keep, flat_expert, n_experts)
-    weights = weights * keep.reshape(t, top_k)
+  t, top_k = experts.shape
+  n_experts, m = w_gate.shape[0], t * top_k
+  rows = m if max_rows is None else min(max_rows, m)
+  flat_expert = experts.reshape(-1)
   # Sorting, counting and un-sorting without scatters (XLA:CPU runs scatters as loops).
   order = jnp.argsort(flat_expert, stable=True)
-  sorted_expert = flat_expert[order]
-  bounds = jnp.searchsorted(sorted_expert, jnp.arange(n_experts + 1), side="left")
-  group_sizes = (bounds[1:] - bounds[:-1]).astype(jnp.int32)  # dropped (id E) sort past the end
+  bounds = jnp.searchsorted(flat_expert[order], jnp.arange(n_experts + 1), side="left")
+  bounds = jnp.minimum(bounds, rows)  # unused slots (id >= E) sort past every group
+  group_sizes = (bounds[1:] - bounds[:-1]).astype(jnp.int32)
+  overflow = jnp.sum(flat_expert < n_experts) - bounds[-1]
+  rank = jnp.argsort(order)  # [M] sorted position of each slot
+  computed = (rank < bounds[-1]).reshape(t, top_k)
+  x, w_gate, w_up, w_down = _same_varying_axes(x, w_gate, w_up, w_down)
   if resolve_impl(impl) == "tiled":
-    out = _tiled_expert_ffn(x, order, group_sizes, top_k, w_gate, w_up, w_down)
+    out = _tiled_expert_ffn(x, order[:rows], rank, group_sizes, top_k, w_gate, w_up, w_down)
   else:
-    x_sorted = x[order // top_k]
+    x_sorted = x[order[:rows] // top_k]
     gate = grouped_matmul(x_sorted, w_gate, group_sizes, impl=impl)
     up = grouped_matmul(x_sorted, w_up, group_sizes, impl=impl)
     out_sorted = grouped_matmul(jax.nn.silu(gate) * up, w_down, group_sizes, impl=impl)
-    out = out_sorted[jnp.argsort(order)].reshape(t, top_k, -1)
-    if keep is not None:  # dropped rows are past every group; a kernel may leave them unset
-      out = jnp.where(keep.reshape(t, top_k, 1), out, 0)
-  return jnp.einsum("TKD,TK->TD", out.astype(jnp.float32), weights).astype(x.dtype)
+    out_sorted = jnp.concatenate([out_sorted, jnp.zeros((1, x.shape[1]), out_sorted.dtype)])
+    out = out_sorted[jnp.minimum(rank, rows)].reshape(t, top_k, -1)
+    out = jnp.where(computed[..., None], out, 0)  # a kernel may leave rows past the groups unset
+  weights = jnp.where(computed, weights, 0.0)
+  y = jnp.einsum("TKD,TK->TD", out.astype(jnp.float32), weights.astype(jnp.float32))
+  return y.astype(x.dtype), overflow
 
 
-def _tiled_expert_ffn(x, order, group_sizes, top_k, w_gate, w_up, w_down):
+def _same_varying_axes(*arrays):
+  """Inside shard_map, mark every array as varying over the union of the mesh axes any of them
+  varies over (tokens vary over the batch axes, weights over expert / tensor), so the
+  custom-VJP gradients type-check; autodiff then sums each gradient over the axes its array
+  was replicated on. Outside shard_map this is the identity."""
+  varying = [getattr(jax.typeof(a).manual_axis_type, "varying", frozenset()) for a in arrays]
+  union = frozenset().union(*varying)
+  return [jax.lax.pcast(a, tuple(sorted(union - v)), to="varying") if union - v else a
+          for a, v in zip(arrays, varying)]
+
+
+def _tiled_expert_ffn(x, order, rank, group_sizes, top_k, w_gate, w_up, w_down):
   """The whole SwiGLU in tile space (CPU): one gather of tokens into expert tiles, three tile
-  matmuls, one gather back to assignments [T, K, D]. Padding slots hold zero rows, and
+  matmuls, one gather back to slots [T, K, D]. ``order`` [rows] lists the computed slots in
+  expert order, ``rank`` [M] each slot's sorted position. Padding slots hold zero rows, and
   silu(0) * 0 = 0 keeps them zero through the FFN."""
-  (t, d), m, n_experts = x.shape, order.shape[0], w_gate.shape[0]
-  tile = default_tile(m, n_experts)
-  layout = tile_layout(group_sizes, m, n_experts, tile)
+  (t, d), rows, n_experts = x.shape, order.shape[0], w_gate.shape[0]
+  tile = default_tile(rows, n_experts)
+  layout = tile_layout(group_sizes, rows, n_experts, tile)
   n_slots = layout.rows.shape[0]
-  slot_of_sorted = jnp.where(layout.valid, layout.slot, n_slots)  # dropped -> the zero row
-  slot_of_assignment = slot_of_sorted[jnp.argsort(order)]  # [M]
-  assignment_of_slot = jnp.concatenate([order, jnp.array([m])])[layout.rows]  # [N*B], M = pad
-  token_of_slot = jnp.where(assignment_of_slot < m, assignment_of_slot // top_k, t)
+  slot_of_sorted = jnp.concatenate([jnp.where(layout.valid, layout.slot, n_slots),
+                                    jnp.full((1,), n_slots)])  # past the groups -> zero row
+  slot_of_assignment = slot_of_sorted[jnp.minimum(rank, rows)]  # [M]
+  assignment_of_slot = jnp.concatenate([order, jnp.array([t * top_k])])[layout.rows]
+  token_of_slot = jnp.where(assignment_of_slot < t * top_k, assignment_of_slot // top_k, t)
   x_tiles = gather_rows(x, token_of_slot, slot_of_assignment.reshape(t, top_k))
   x_tiles = x_tiles.reshape(-1, tile, d)
   gate = tile_matmul(x_tiles, w_gate, layout.tile_group)
@@ -233,14 +258,51 @@ def moe_dense_oracle(x, routing: Routing, w_gate, w_up, w_down, keep=None):
   return jnp.einsum("TED,TE->TD", out.astype(jnp.float32), combine).astype(x.dtype)
 
 
+def _shard_experts(x, ids, values, params, shard_args, ctx, *, routing: RoutingSpec,
+                   n_experts: int, capacity_factor: Optional[float], impl: str):
+  """The expert-parallel ``local_fn``: one shard's experts on the rows it received.
+
+  ids [R, K] local expert ids (El = not on this shard), values = (weights, [priority]).
+  V2 dropping ranks, per group, every assignment the group received from its expert-parallel
+  group, as the single-device layer does for the same tokens."""
+  weights, per_shard = values[0], params[0].shape[0]
+  valid = ids < per_shard
+  max_slots = ctx.max_slots
+  dropped = jnp.zeros((), jnp.float32)
+  if capacity_factor is not None:
+    priority, (real,) = values[1], shard_args
+    per_group = n_experts // routing.n_groups
+    group = jnp.where(valid, (ctx.index * per_shard + ids) // per_group, routing.n_groups)
+    n_real = jax.lax.psum(real.sum(), ctx.axis)
+    capacity = device_capacity(n_real, routing.top_k, routing.n_groups, capacity_factor)
+    keep = capacity_keep(group.reshape(-1), priority.reshape(-1), routing.n_groups + 1,
+                         capacity).reshape(ids.shape) & valid
+    dropped = (valid & ~keep & (priority >= 0)).sum().astype(jnp.float32)
+    ids = jnp.where(keep, ids, per_shard)
+    # Static bound: a group keeps at most cf * (every token of the EP group) * K / G slots.
+    groups_here = max(len({(i * per_shard + e) // per_group for e in range(per_shard)})
+                      for i in range(ctx.n_shards))
+    most = math.ceil(capacity_factor * ctx.n_shards * ctx.n_tokens * routing.top_k
+                     / routing.n_groups)
+    max_slots = min(max_slots, max(most, 1) * groups_here)
+  y, overflow = expert_ffn(x, ids, weights, *params, impl=impl, max_rows=max_slots)
+  return y, {"dropped": dropped, "overflow": overflow}
+
+
 class MoE(nnx.Module):
-  """DeepSeekMoE layer. Returns (y, stats); stats feed the losses, the bias update and logging."""
+  """DeepSeekMoE layer. Returns (y, stats); stats feed the losses, the bias update and logging.
+
+  Traced under a mesh (``jax.set_mesh``) whose expert axis is > 1, the routed experts run
+  expert-parallel (``parallel.expert_parallel``); routing, statistics and losses stay global
+  arrays, so expert loads and balance terms always count the whole batch.
+  """
 
   def __init__(self, d_model: int, n_routed_experts: int, n_shared_experts: int, ffn_dim: int, *,
                routing: RoutingSpec, router_bias: bool, capacity_factor: Optional[float],
                balance_scope: str, expert_balance_coef: float, device_balance_coef: float,
                comm_balance_coef: float, grouped_matmul_impl: str, init_std: float, dtype: str,
-               param_dtype: str, rngs: nnx.Rngs):
+               param_dtype: str, rngs: nnx.Rngs, expert_exchange: str = "auto",
+               expert_buffer_factor: Optional[float] = None):
     kw = dict(std=init_std, param_dtype=param_dtype)
     e, d, f = n_routed_experts, d_model, ffn_dim
     self.gate = normal_param(rngs, (d, e), ("embed", "expert"), **kw)
@@ -255,6 +317,8 @@ class MoE(nnx.Module):
     self.balance_scope = balance_scope
     self.coefs = (expert_balance_coef, device_balance_coef, comm_balance_coef)
     self.impl = grouped_matmul_impl
+    self.exchange = expert_exchange
+    self.buffer_factor = expert_buffer_factor
     self.dtype = dtype
 
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None, drop_tokens: bool = True):
@@ -270,19 +334,44 @@ class MoE(nnx.Module):
     routing = route(logits, bias, self.routing)
     n_experts, top_k = logits.shape[-1], self.routing.top_k
     flat_mask = jnp.repeat(mask.reshape(-1), top_k)
+    capacity_factor = self.capacity_factor if drop_tokens else None
+    affinity = jnp.take_along_axis(routing.scores, routing.experts, -1)
+    priority = jnp.where(mask.reshape(-1, 1) > 0, affinity, -1.0)  # padding yields slots first
+    w = [getattr(self, n)[...].astype(self.dtype) for n in ("w_gate", "w_up", "w_down")]
 
-    keep = None
-    if self.capacity_factor is not None and drop_tokens:
-      n_devices = self.routing.n_groups
-      device = routing.experts.reshape(-1) // (n_experts // n_devices)
-      affinity = jnp.take_along_axis(routing.scores, routing.experts, -1).reshape(-1)
-      priority = jnp.where(flat_mask > 0, affinity, -1.0)  # padding yields its slots first
-      capacity = device_capacity(mask.sum(), top_k, n_devices, self.capacity_factor)
-      keep = capacity_keep(device, priority, n_devices, capacity)
-
-    y = routed_experts(tokens, routing, self.w_gate[...].astype(self.dtype),
-                       self.w_up[...].astype(self.dtype), self.w_down[...].astype(self.dtype),
-                       keep, impl=self.impl)
+    counters = {}
+    if expert_parallel.expert_mesh() is not None and expert_parallel.splits_batch(b * t):
+      spec = self.routing
+      n_shards = expert_parallel.expert_mesh().shape["expert"]
+      if capacity_factor is not None and spec.n_groups % n_shards:
+        raise ValueError(
+            f"capacity_factor={capacity_factor} (V2 device-level dropping) treats each of the "
+            f"n_expert_groups={spec.n_groups} groups as a device, so a group must lie on one "
+            f"expert shard: make n_expert_groups a multiple of the mesh's expert axis "
+            f"({n_shards}), or set capacity_factor=None (dropless)")
+      local = functools.partial(_shard_experts, routing=spec, n_experts=n_experts,
+                                capacity_factor=capacity_factor, impl=self.impl)
+      capacity_args = capacity_factor is not None
+      y, counters = expert_parallel.expert_parallel(
+          local, tokens, routing.experts,
+          (routing.weights, priority) if capacity_args else (routing.weights,), w, (2, 2, 1),
+          (mask.reshape(-1),) if capacity_args else (),
+          max_shards=expert_parallel.max_shards_per_token(
+              n_experts, n_shards, spec.n_groups, spec.n_limited_groups, top_k),
+          buffer_factor=self.buffer_factor, exchange=self.exchange,
+          check_vma=resolve_impl(self.impl) in ("tiled", "ragged_dot"))  # Pallas: no vma types
+      dropped, overflow = counters["dropped"], counters["overflow"]
+    else:
+      experts = routing.experts
+      dropped = jnp.zeros(())
+      if capacity_factor is not None:
+        n_devices = self.routing.n_groups
+        device = routing.experts.reshape(-1) // (n_experts // n_devices)
+        capacity = device_capacity(mask.sum(), top_k, n_devices, capacity_factor)
+        keep = capacity_keep(device, priority.reshape(-1), n_devices, capacity)
+        dropped = jnp.where(keep, 0.0, flat_mask).sum()
+        experts = jnp.where(keep.reshape(b * t, top_k), experts, n_experts)
+      y, overflow = expert_ffn(tokens, experts, routing.weights, *w, impl=self.impl)
     if self.shared is not None:
       y = y + self.shared(tokens[None])[0]
 
@@ -291,11 +380,11 @@ class MoE(nnx.Module):
     f, p = balance_fractions(scores, experts, mask, self.balance_scope)
     expert_coef, device_coef, comm_coef = self.coefs
     n_groups = self.routing.n_groups
-    dropped = jnp.zeros(()) if keep is None else jnp.where(keep, 0.0, flat_mask).sum()
     stats = {
         "load": jnp.einsum("M,ME->E", flat_mask,
                            jax.nn.one_hot(routing.experts.reshape(-1), n_experts)),
-        "dropped": dropped,
+        "dropped": dropped.astype(jnp.float32),
+        "overflow": jnp.asarray(overflow, jnp.float32),
         "assignments": flat_mask.sum(),
         "expert_balance": expert_coef * expert_balance_loss(f, p),
         "device_balance": device_coef * device_balance_loss(f, p, n_groups),
@@ -303,4 +392,7 @@ class MoE(nnx.Module):
                                                       self.routing.n_limited_groups,
                                                       self.balance_scope),
     }
+    if "dispatch_rows" in counters:  # rows sent per token (padding included), its bound
+      stats["dispatch_per_token"] = counters["dispatch_rows"] / (b * t)
+      stats["remote_per_token"] = counters["remote_rows"] / (b * t)
     return y.reshape(b, t, d), stats

@@ -73,6 +73,7 @@ def make_block(cfg: ModelConfig, moe: bool, rngs: nnx.Rngs) -> Block:
               balance_scope=cfg.balance_loss_scope, expert_balance_coef=cfg.expert_balance_coef,
               device_balance_coef=cfg.device_balance_coef,
               comm_balance_coef=cfg.comm_balance_coef, grouped_matmul_impl=cfg.grouped_matmul,
+              expert_exchange=cfg.expert_exchange, expert_buffer_factor=cfg.expert_buffer_factor,
               **common)
   else:
     ffn = SwiGLU(cfg.d_model, cfg.dense_ffn_dim, **common)

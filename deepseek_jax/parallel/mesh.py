@@ -61,3 +61,28 @@ def make_mesh(shape: Mapping[str, int], devices: Optional[Sequence[jax.Device]] 
 def batch_shards(mesh: Mesh) -> int:
   """How many ways the batch is split: the product of the batch axes' sizes."""
   return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
+def target_platform() -> str:
+  """The platform being compiled for: the context mesh's (``jax.set_mesh``; it may be an
+  ahead-of-time TPU topology on a CPU host), else the default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
+class under_mesh:
+  """``fn`` (a jitted function) called and lowered under ``jax.set_mesh(mesh)``: layers that
+  read the context mesh (the MoE's expert parallelism) see it while ``fn`` is traced."""
+
+  def __init__(self, fn, mesh: Mesh):
+    self.fn, self.mesh = fn, mesh
+
+  def __call__(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh):
+      return self.fn(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh):
+      return self.fn.lower(*args, **kwargs)
+

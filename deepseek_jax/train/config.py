@@ -81,6 +81,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer.moment_dtype = "float32"  # bfloat16: both Adam moments in bf16 (V3)
 
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=1, tensor=1))
+  # On a CPU-only host: split it into this many XLA devices to run mesh layouts (expert
+  # parallelism, FSDP) without accelerators; 0 = one device. Ignored on GPU/TPU.
+  c.cpu_devices = 0
   c.partitioning = ml_collections.ConfigDict(dict(rules="fsdp"))
 
   c.checkpoint = ml_collections.ConfigDict()

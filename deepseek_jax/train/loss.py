@@ -90,6 +90,10 @@ def loss_fn(model, batch: dict, *, mtp_weight: Optional[jax.Array] = None,
     metrics["dropped"] = stats["dropped"].sum()
     metrics["assignments"] = stats["assignments"].sum()
     metrics["dropped_fraction"] = metrics["dropped"] / jnp.maximum(metrics["assignments"], 1)
+    metrics["overflow"] = stats["overflow"].sum()  # expert-parallel buffer overflow (slots)
+    for key in ("dispatch_per_token", "remote_per_token"):  # expert parallelism: rows/token
+      if key in stats:
+        metrics[key] = stats[key].mean()
   metrics["mtp_loss"] = mtp_total
   metrics["loss"] = total
   return total, metrics

@@ -172,6 +172,10 @@ class MetricsLogger:
       parts.append(f"bal {balance:.1e} load max/mean {r['moe_load_max_over_mean']:.2f}")
     if r.get("dropped_fraction"):
       parts.append(f"drop {100 * r['dropped_fraction']:.1f}%")
+    if "dispatch_per_token" in r:
+      parts.append(f"EP rows/tok {r['dispatch_per_token']:.2f}")
+    if r.get("overflow"):
+      parts.append(f"OVERFLOW {int(r['overflow'])}")
     parts.append(f"gnorm {r['grad_norm']:.2f}")
     if "learning_rate" in r:
       parts.append(f"lr {r['learning_rate']:.2e}")

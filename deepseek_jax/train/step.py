@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.transformer import abstract_model, create_model, router_bias_update
+from deepseek_jax.parallel.mesh import under_mesh
 from deepseek_jax.parallel.partitioning import (Rules, batch_sharding, state_shardings,
                                                 tree_shardings_like)
 from deepseek_jax.train.loss import batch_normalizers, loss_fn
@@ -118,6 +119,9 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, options: StepOpt
     (metrics, grads), _ = jax.lax.scan(accumulate, zeros, micro)
     if "assignments" in metrics:
       metrics["dropped_fraction"] = metrics["dropped"] / jnp.maximum(metrics["assignments"], 1)
+    for key in ("dispatch_per_token", "remote_per_token"):  # means, not sums
+      if key in metrics:
+        metrics[key] = metrics[key] / n_micro
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -138,11 +142,12 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, options: StepOpt
 
 def jit_train_step(model_cfg: ModelConfig, graphdef, tx, options: StepOptions,
                    shardings: TrainState, mesh: Mesh, rules: Rules):
-  """The compiled step: explicit in/out shardings, the state donated."""
+  """The compiled step: explicit in/out shardings, the state donated, traced under the mesh
+  (so MoE layers run expert-parallel when its expert axis is > 1)."""
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sh = batch_sharding(mesh, rules)
   micro_sh = NamedSharding(mesh, PartitionSpec(None, *batch_sh.spec))
   step = functools.partial(train_step, graphdef=graphdef, tx=tx, options=options,
                            model_cfg=model_cfg, micro_sharding=micro_sh)
-  return jax.jit(step, in_shardings=(shardings, batch_sh),
-                 out_shardings=(shardings, replicated), donate_argnums=(0,))
+  return under_mesh(jax.jit(step, in_shardings=(shardings, batch_sh),
+                           out_shardings=(shardings, replicated), donate_argnums=(0,)), mesh)

@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 from deepseek_jax import analytics
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.inference.generate import SamplingConfig, generate
-from deepseek_jax.parallel.mesh import batch_shards, make_mesh
+from deepseek_jax.parallel.mesh import batch_shards, make_mesh, under_mesh
 from deepseek_jax.parallel.partitioning import batch_sharding, get_rules
 from deepseek_jax.train import config as config_lib
 from deepseek_jax.train import data as data_lib
@@ -58,6 +58,27 @@ def set_cpu_xla_flags() -> None:
   current = os.environ.get("XLA_FLAGS", "")
   extra = [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in current]
   os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
+
+
+def set_cpu_devices(n: int) -> None:
+  """Ask XLA:CPU for ``n`` host devices (before the first JAX computation; 0 = leave it)."""
+  if n <= 0:
+    return
+  flag = "--xla_force_host_platform_device_count"
+  current = os.environ.get("XLA_FLAGS", "")
+  if flag in current:
+    if f"{flag}={n}" not in current.split():
+      raise ValueError(f"config.cpu_devices={n} conflicts with {flag} in XLA_FLAGS="
+                       f"{current!r}; remove one of them")
+    return
+  os.environ["XLA_FLAGS"] = f"{current} {flag}={n}".strip()
+
+
+def check_cpu_devices(n: int) -> None:
+  if n > 0 and jax.default_backend() == "cpu" and jax.device_count() != n * jax.process_count():
+    raise ValueError(f"config.cpu_devices={n} but JAX started with {jax.device_count()} CPU "
+                     "devices: it was initialised before the config was read; set XLA_FLAGS="
+                     f"--xla_force_host_platform_device_count={n} in the environment instead")
 
 
 def parse_flags(argv):
@@ -121,6 +142,14 @@ class Setup:
   rules: Any
   tokenizer: Any
   tx: optax.GradientTransformation
+
+
+def start_setup(config) -> Setup:
+  """Devices (CPU split, distributed init) then the validated setup; before any compile."""
+  set_cpu_devices(config.cpu_devices)
+  setup_distributed(config.distributed)
+  check_cpu_devices(config.cpu_devices)
+  return build_setup(config)
 
 
 def build_setup(config) -> Setup:
@@ -220,8 +249,7 @@ def _finite(metrics: dict) -> bool:
 def train(config, workdir: str) -> dict:
   """Train per ``config`` in ``workdir`` (resuming if it holds checkpoints). Returns the last
   logged record plus the final held-out loss and the samples."""
-  setup_distributed(config.distributed)
-  setup = build_setup(config)
+  setup = start_setup(config)
   c, mesh = config, setup.mesh
   say(f"model {setup.model_cfg.name}: {analytics.summary(setup.model_cfg, c.train.seq_len)}")
   say(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s), "
@@ -269,6 +297,10 @@ def train(config, workdir: str) -> dict:
               "config.optimizer.learning_rate or raise warmup_steps, then rerun to resume.")
         if step % c.train.log_every == 0 or last:
           record = logger.log(step, host)
+        if host.get("overflow", 0) > 0:
+          say(f"warning: step {step}: {int(host['overflow'])} expert assignments did not fit "
+              f"the expert-parallel receive buffers and were left out; raise "
+              f"config.model.overrides.expert_buffer_factor, or leave it unset (worst case)")
       if c.train.eval_every and step % c.train.eval_every == 0:
         say(f"eval at step {step}: {_evaluate_state(setup, graphdef, state)}")
       if due_save or stop:
@@ -288,14 +320,16 @@ def train(config, workdir: str) -> dict:
 
 
 @functools.lru_cache(maxsize=4)
-def _eval_fn(graphdef):
-  return jax.jit(lambda params, rest, batch: loss_fn(nnx.merge(graphdef, params, rest), batch)[1])
+def _eval_fn(graphdef, mesh):
+  return under_mesh(
+      jax.jit(lambda params, rest, batch: loss_fn(nnx.merge(graphdef, params, rest), batch)[1]),
+      mesh)
 
 
 def _evaluate_state(setup: Setup, graphdef, state: TrainState, max_batches: Optional[int] = None):
   """Token-weighted loss and perplexity over the held-out split."""
   c = setup.config
-  eval_fn = _eval_fn(graphdef)
+  eval_fn = _eval_fn(graphdef, setup.mesh)
   total = count = 0.0
   limit = max_batches or c.train.eval_batches
   batches, template = iter(make_data(setup, "eval", repeat=False)), None
@@ -340,8 +374,7 @@ def _sample_state(setup: Setup, graphdef, state: TrainState, prompts=None) -> li
 
 
 def _load_for_inference(config, workdir: str, step: Optional[int]):
-  setup_distributed(config.distributed)
-  setup = build_setup(config)
+  setup = start_setup(config)
   ckpt = _checkpointer(setup, workdir)
   step = step or ckpt.latest_step()
   if step is None:

@@ -2,7 +2,12 @@ r"""The default run: the `small` preset (18M total / 4.6M activated) on the embe
 
     python experiments/train.py --config=experiments/configs/small.py --workdir=/tmp/ds-small
 
-Variants: `small.py:runlocal` (a short run for a quick look).
+Variants (comma-separated): `runlocal` (a short run for a quick look); `ep4` (expert
+parallelism: the routed experts split 4 ways over the mesh's expert axis, tokens moved by
+all-to-all; on a CPU-only host the trainer splits it into 8 XLA devices, 2 x 4):
+
+    python experiments/train.py --config=experiments/configs/small.py:ep4,runlocal \
+        --workdir=/tmp/ds-small-ep
 """
 
 from deepseek_jax.train.config import default_config
@@ -23,10 +28,15 @@ def get_config(arg=None):
   c.checkpoint.every = 50
   c.optimizer.learning_rate = 3e-3
   c.optimizer.warmup_steps = 20
-  if arg == "runlocal":
+  variants = set(arg.split(",")) if arg else set()
+  unknown = variants - {"runlocal", "ep4"}
+  if unknown:
+    raise ValueError(f"small.py: unknown variant(s) {sorted(unknown)}; known: runlocal, ep4")
+  if "runlocal" in variants:
     c.train.steps = 40
     c.checkpoint.every = 20
     c.optimizer.warmup_steps = 5
-  elif arg:
-    raise ValueError(f"small.py: unknown variant {arg!r}; known: runlocal")
+  if "ep4" in variants:  # 32 experts: 8 per shard = one routing group (V2 device-limited, M=2)
+    c.cpu_devices = 8
+    c.mesh.update(dict(data=1, fsdp=-1, expert=4, tensor=1))
   return c

@@ -1,11 +1,21 @@
-"""Grouped matmul: both implementations equal a per-group loop, forward and gradient."""
+"""Grouped matmul: every implementation equals a per-group loop, forward and gradient."""
+
+import importlib.util
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from deepseek_jax import config
+from deepseek_jax.model import grouped_matmul as gm
 from deepseek_jax.model.grouped_matmul import grouped_matmul
+
+HAS_TOKAMAX = importlib.util.find_spec("tokamax") is not None
+# Every implementation that runs on CPU: megablox in Pallas interpret mode, tokamax via XLA.
+CPU_IMPLS = ["tiled", "ragged_dot", "megablox",
+             pytest.param("tokamax", marks=pytest.mark.skipif(not HAS_TOKAMAX,
+                                                              reason="pip install tokamax"))]
 
 
 def _loop_reference(x, w, group_sizes):
@@ -53,9 +63,62 @@ def test_gradients_match_per_group_einsum(impl):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_unknown_impl_is_rejected():
-  with pytest.raises(ValueError, match="impl"):
-    grouped_matmul(jnp.ones((2, 2)), jnp.ones((1, 2, 2)), jnp.array([2]), impl="megablox")
+# (M, D, F, group_sizes, tile): small, since interpret mode costs grid steps x array size.
+CASES = {
+    "groups_straddle_tiles": (24, 8, 5, [5, 0, 12, 4], 8),  # 3 rows past the groups
+    "default_tile_pads_m": (136, 8, 8, [0, 60, 0, 70], None),  # megablox: tm 128, M -> 256
+    "several_lane_blocks": (16, 256, 384, [7, 0, 4], None),  # D, F in 256- / 128-wide blocks
+}
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_and_gradients_match_per_row_reference(impl, case):
+  m, d, f, sizes, tile = CASES[case]
+  kx, kw, kc = jax.random.split(jax.random.key(m + d + f), 3)
+  x, w = jax.random.normal(kx, (m, d)), jax.random.normal(kw, (len(sizes), d, f))
+  cotangent = jax.random.normal(kc, (m, f))
+  sizes = jnp.array(sizes, jnp.int32)
+  group_of_row = jnp.repeat(jnp.arange(len(sizes)), sizes, total_repeat_length=m)
+  used = (jnp.arange(m) < sizes.sum())[:, None]
+
+  def reference(x, w):  # out[m] = x[m] @ w[group(m)], zero past the groups
+    return jnp.einsum("MD,MDF->MF", x, w[group_of_row]) * used
+
+  def candidate(x, w):
+    return grouped_matmul(x, w, sizes, impl=impl, tile=tile)
+
+  @jax.jit(static_argnums=0)
+  def value_and_grads(fn, x, w):
+    out, vjp = jax.vjp(fn, x, w)
+    return (out,) + vjp(cotangent)
+
+  for got, want in zip(value_and_grads(candidate, x, w), value_and_grads(reference, x, w)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("backend, impl", [
+    ("tpu", "megablox"), ("gpu", "tokamax" if HAS_TOKAMAX else "ragged_dot"), ("cpu", "tiled")])
+def test_auto_picks_the_backends_implementation(monkeypatch, backend, impl):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  assert gm.resolve_impl("auto") == impl
+
+
+def test_without_tokamax_gpu_falls_back_to_ragged_dot_and_tokamax_names_the_install(monkeypatch):
+  monkeypatch.setattr(gm, "_import_tokamax", lambda: None)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert gm.resolve_impl("auto") == "ragged_dot"
+  with pytest.raises(ImportError, match="pip install tokamax"):
+    grouped_matmul(jnp.ones((2, 2)), jnp.ones((1, 2, 2)), jnp.array([2]), impl="tokamax")
+
+
+def test_unknown_impl_is_rejected_with_the_choices():
+  with pytest.raises(ValueError, match="'auto', 'tiled', 'ragged_dot', 'megablox', 'tokamax'"):
+    grouped_matmul(jnp.ones((2, 2)), jnp.ones((1, 2, 2)), jnp.array([2]), impl="cublas")
+
+
+def test_config_accepts_exactly_the_implemented_names():
+  assert sorted(config.GROUPED_MATMUL_IMPLS) == sorted(("auto",) + gm.IMPLS)
 
 
 def test_gather_rows_gradient_is_the_scatter_add_autodiff_would_give():

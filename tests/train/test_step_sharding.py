@@ -1,4 +1,6 @@
-"""The partitioned train step on 8 fake CPU devices equals the single-device step."""
+"""The partitioned train step on 8 fake CPU devices equals the single-device step. Under a mesh
+with an expert axis the MoE layers run expert-parallel (all-to-all dispatch), so these also
+check the whole model's expert parallelism, MTP module included."""
 
 import jax
 import numpy as np
@@ -7,7 +9,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.parallel.mesh import make_mesh
+from deepseek_jax.parallel.mesh import make_mesh, under_mesh
 from deepseek_jax.parallel.partitioning import batch_sharding, get_rules
 from deepseek_jax.train.config import default_config
 from deepseek_jax.train.loss import loss_fn
@@ -42,9 +44,10 @@ def _loss_and_grads(mesh_shape, rules_name):
   def f(params, rest, batch):
     return loss_fn(nnx.merge(graphdef, params, rest), batch)
 
-  fn = jax.jit(jax.value_and_grad(f, has_aux=True),
-               in_shardings=(sh.params, sh.model_state, batch_sharding(mesh, rules)),
-               out_shardings=((NamedSharding(mesh, P()), NamedSharding(mesh, P())), sh.params))
+  fn = under_mesh(jax.jit(jax.value_and_grad(f, has_aux=True),
+                          in_shardings=(sh.params, sh.model_state, batch_sharding(mesh, rules)),
+                          out_shardings=((NamedSharding(mesh, P()), NamedSharding(mesh, P())),
+                                         sh.params)), mesh)
   (loss, metrics), grads = fn(state.params, state.model_state, batch)
   sharded = any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state.params))
   return jax.device_get((loss, metrics, grads)), sharded
@@ -67,6 +70,8 @@ def test_sharded_loss_and_gradients_equal_single_device(single_device, mesh_shap
   assert sharded == (rules != "replicated")  # the weights really are split
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   np.testing.assert_array_equal(metrics["expert_load"], ref_metrics["expert_load"])  # global load
+  assert ("dispatch_per_token" in metrics) == (mesh_shape.get("expert", 1) > 1)
+  assert metrics["overflow"] == 0
   for (path, g), (_, r) in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
                                jax.tree_util.tree_flatten_with_path(ref_grads)[0]):
     np.testing.assert_allclose(g, r, rtol=2e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path))
@@ -105,3 +110,24 @@ def test_micro_batches_stay_sharded_over_the_batch_axes():
   # Token arrays are [..., T=32]; a gather of them would be an all-gather yielding s32[..., 32].
   gathered = [l for l in hlo.splitlines() if "all-gather(" in l and re.search(r"s32\[[\d,]*32\]", l)]
   assert not gathered, gathered[:2]
+
+
+def test_expert_parallel_train_step_equals_the_single_device_step():
+  """One optimizer step with the aux-loss-free bias update: the load that moves the bias is
+  summed over the expert and data axes, so the biases match exactly."""
+  results = []
+  for shape in (dict(data=1), dict(data=2, expert=4)):
+    n = int(np.prod(list(shape.values())))
+    mesh, rules, tx = make_mesh(shape, jax.devices()[:n]), get_rules("fsdp"), _tx()
+    graphdef, state, sh = init_train_state(CFG, tx, mesh, rules, seed=0)
+    opts = StepOptions(router_bias_rate=piecewise_constant(((0, 0.01),)))
+    step = jit_train_step(CFG, graphdef, tx, opts, sh, mesh, rules)
+    state, metrics = step(state, jax.device_put(_batch(), batch_sharding(mesh, rules)))
+    results.append(jax.device_get((state.params, state.model_state, metrics)))
+  (p1, b1, m1), (p2, b2, m2) = results
+  assert "dispatch_per_token" in m2 and "dispatch_per_token" not in m1
+  assert 1.0 <= m2["dispatch_per_token"] <= 2.0  # top-2: at most 2 shards per token
+  for a, b in zip(jax.tree.leaves(b1), jax.tree.leaves(b2)):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
