@@ -144,9 +144,9 @@ def main(argv):
     fn = jax.jit(jax.value_and_grad(dense_loss if path == "dense" else layer_loss, (0, 1),
                                     has_aux=True))
     if path == "ep":
-      if n_dev % _EP.value or e % _EP.value:
-        raise app.UsageError(f"--ep={_EP.value} must divide the {n_dev} devices and "
-                             f"--experts={e}")
+      if n_dev % _EP.value or e % _EP.value or b % n_dev:
+        raise app.UsageError(f"ep: --ep={_EP.value} must divide the {n_dev} devices and "
+                             f"--experts={e}, and the devices must divide --batch={b}")
       mesh = make_mesh({"expert": _EP.value, "data": n_dev // _EP.value})
       expert_w = NamedSharding(mesh, PartitionSpec("expert"))
       replicated = NamedSharding(mesh, PartitionSpec())
