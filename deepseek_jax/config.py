@@ -16,6 +16,7 @@ import math
 from typing import Any, Optional
 
 ATTENTION_KINDS = ("mla", "mha", "gqa")
+ATTENTION_IMPLS = ("auto", "xla", "pallas")
 SCORE_FUNCS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
 BALANCE_SCOPES = ("sequence", "batch")
@@ -47,6 +48,9 @@ class ModelConfig:
   qk_rope_head_dim: int  # d_h^R
   v_head_dim: int
   decoupled_rope: bool = True  # False: rotary key part is up-projected from c_KV per head
+  # auto: Pallas kernels (pallas_kernels/) on TPU and GPU, XLA on CPU; pallas on CPU runs the
+  # kernels in interpret mode (slow; for tests). No effect on the function computed.
+  attention_impl: str = "auto"
 
   # --- rotary embedding + YaRN (V2 App. / V3 §4.3) ---
   rope_theta: float = 10000.0
@@ -181,6 +185,8 @@ def _validate(c: ModelConfig) -> None:
 
   _require(c.attention_kind in ATTENTION_KINDS, "attention_kind",
            f"must be one of {ATTENTION_KINDS}, got {c.attention_kind!r}")
+  _require(c.attention_impl in ATTENTION_IMPLS, "attention_impl",
+           f"must be one of {ATTENTION_IMPLS}, got {c.attention_impl!r}")
   if c.attention_kind == "gqa":
     _require(c.n_kv_heads is not None and c.n_kv_heads > 0, "n_kv_heads",
              "must be a positive integer when attention_kind='gqa'")

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from deepseek_jax.model.transformer import init_cache
+from pallas_kernels.mla_decode.ops import PAGE_SIZE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +122,9 @@ def _generate(graphdef, state, tokens, lengths, rng, stop_tokens, *, max_new_tok
               cache_kind, absorb, pad_id):
   model = nnx.merge(graphdef, state)
   batch, prompt_len = tokens.shape
-  cache = init_cache(model.config, batch, prompt_len + max_new_tokens, cache_kind)
+  # whole 64-slot pages, so the Pallas decode kernel reads the cache in place
+  slots = -(-(prompt_len + max_new_tokens) // PAGE_SIZE) * PAGE_SIZE
+  cache = init_cache(model.config, batch, slots, cache_kind)
   prefill = model(tokens, cache=cache, cache_index=jnp.zeros(batch, jnp.int32), absorb=absorb)
   last_logits = prefill.logits[jnp.arange(batch), lengths - 1]
   rng, key = jax.random.split(rng)

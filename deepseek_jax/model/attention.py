@@ -10,6 +10,11 @@ the slots j <= p, which are exactly the slots this row has written, so stale slo
 length are never read. Caches are stacked over layers and a layer sees them through a
 ``CacheView``, which scatters only the new tokens into the stacked arrays: inside the decode
 loop that is an in-place update, never a copy of the cache. Softmax is always in float32.
+
+Kernels: ``attention_impl`` ("auto" | "xla" | "pallas") picks XLA einsums or the Pallas flash
+attention kernel (pallas_kernels/flash_attention) for attention without a cache (training,
+packed prefill); "auto" means the kernel on TPU and GPU. Under a mesh the kernel runs per shard
+(``jax.shard_map``): batch over the batch axes, heads over "tensor".
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from flax import nnx
 
 from deepseek_jax.model.layers import RMSNorm, normal_param
 from deepseek_jax.model.rope import RotaryEmbedding
+from deepseek_jax.parallel.mesh import BATCH_AXES, target_platform
+from pallas_kernels.flash_attention.ops import flash_attention
 
 
 class KVCache(NamedTuple):
@@ -102,6 +109,70 @@ def self_attention_mask(positions, segment_ids, cache_len: Optional[int]) -> jax
   return attention_mask(positions, slots)
 
 
+def uses_kernels(attention_impl: str, sharded: bool = True) -> bool:
+  """Whether ``attention_impl`` means Pallas kernels for the platform being compiled for.
+
+  ``sharded=False``: only without a multi-device context mesh (the decode kernel has no
+  per-shard wrapper yet, and XLA cannot partition a Pallas call).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if not sharded and not mesh.empty and mesh.size > 1:
+    return False
+  if attention_impl == "auto":
+    return target_platform() in ("tpu", "gpu")
+  return attention_impl == "pallas"
+
+
+def per_shard(fn, batched, head_dims, *args):
+  """``fn(*args)`` per shard of the context mesh (a Pallas call cannot be partitioned by XLA).
+
+  Dim 0 of every arg splits over the batch axes that divide it; ``head_dims[i]`` (or None)
+  names arg i's heads dim, split over "tensor" when it divides. Outputs are laid out like
+  ``batched`` (an arg index whose spec they share). Without a mesh this is ``fn(*args)``.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn(*args)
+  batch = args[0].shape[0]
+  batch_axes = []
+  for axis in BATCH_AXES:
+    ways = mesh.shape.get(axis, 1)
+    if ways > 1 and batch % (ways * _ways(mesh, batch_axes)) == 0:
+      batch_axes.append(axis)
+  tensor = mesh.shape.get("tensor", 1)
+
+  def spec(arg, head_dim):
+    parts = [tuple(batch_axes) or None] + [None] * (arg.ndim - 1)
+    if head_dim is not None and tensor > 1 and arg.shape[head_dim] % tensor == 0:
+      parts[head_dim] = "tensor"
+    return jax.sharding.PartitionSpec(*parts)
+
+  specs = tuple(spec(a, d) for a, d in zip(args, head_dims))
+  return jax.shard_map(fn, in_specs=specs, out_specs=specs[batched], check_vma=False)(*args)
+
+
+def _ways(mesh, axes) -> int:
+  ways = 1
+  for axis in axes:
+    ways *= mesh.shape[axis]
+  return ways
+
+
+def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          segment_ids: Optional[jax.Array], scale: float,
+                          attention_impl: str) -> jax.Array:
+  """Attention among the current tokens only (no cache): causal by token index and, for packed
+  rows, within segments. q [B,T,N,H], k [B,T,K,H], v [B,T,K,V] -> [B,T,N,V]."""
+  if not uses_kernels(attention_impl):
+    index = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
+    return attend(q, k, v, attention_mask(index, index, segment_ids, segment_ids), scale)
+  if k.shape[2] != q.shape[2]:  # GQA: the kernel takes one key/value head per query head
+    k, v = (jnp.repeat(a, q.shape[2] // k.shape[2], axis=2) for a in (k, v))
+  kernel = lambda q, k, v, *seg: flash_attention(q, k, v, *seg, softmax_scale=scale)
+  args = (q, k, v) + (() if segment_ids is None else (segment_ids,))
+  return per_shard(kernel, 0, (2, 2, 2, None)[:len(args)], *args)
+
+
 class QueryProjection(nnx.Module):
   """q = W_UQ RMSNorm(W_DQ h) with query compression (d_c' = q_lora_rank), else q = W_Q h."""
 
@@ -137,8 +208,8 @@ class GroupedQueryAttention(nnx.Module):
 
   def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, q_lora_rank: Optional[int],
                qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, *,
-               rotary: RotaryEmbedding, softmax_scale: float, eps: float, init_std: float,
-               dtype: str, param_dtype: str, rngs: nnx.Rngs):
+               rotary: RotaryEmbedding, softmax_scale: float, attention_impl: str = "auto",
+               eps: float, init_std: float, dtype: str, param_dtype: str, rngs: nnx.Rngs):
     qk = qk_nope_head_dim + qk_rope_head_dim
     kw = dict(std=init_std, param_dtype=param_dtype)
     self.query = QueryProjection(d_model, n_heads, qk, q_lora_rank, eps=eps, init_std=init_std,
@@ -151,6 +222,7 @@ class GroupedQueryAttention(nnx.Module):
     self.rotary = rotary
     self.nope_dim = qk_nope_head_dim
     self.scale = softmax_scale
+    self.attention_impl = attention_impl
     self.dtype = dtype
 
   def _rope_tail(self, x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -167,9 +239,10 @@ class GroupedQueryAttention(nnx.Module):
     q = self._rope_tail(self.query(x), positions)
     k = self._rope_tail(jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(self.dtype)), positions)
     v = jnp.einsum("BTD,DKV->BTKV", x, self.wv[...].astype(self.dtype))
-    if cache is not None:
+    if cache is None:
+      out = causal_self_attention(q, k, v, segment_ids, self.scale, self.attention_impl)
+    else:
       cache = cache.write(KVCache(k, v), cache_index)
       k, v = (a.astype(self.dtype) for a in cache.read())
-    mask = self_attention_mask(positions, segment_ids, None if cache is None else k.shape[1])
-    out = attend(q, k, v, mask, self.scale)
+      out = attend(q, k, v, self_attention_mask(positions, None, k.shape[1]), self.scale)
     return jnp.einsum("BTNV,NVD->BTD", out, self.wo[...].astype(self.dtype)), cache

@@ -210,11 +210,22 @@ def _tokamax(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
   return _rows_past_groups_zeroed(ragged_dot, x, group_sizes)
 
 
+def partitioned_by_xla() -> bool:
+  """Whether XLA's SPMD partitioner splits this call over devices (a multi-device context mesh
+  outside shard_map): it cannot partition a Pallas kernel, only ops such as ragged_dot."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and any(size > 1 and axis not in mesh.manual_axes
+                                for axis, size in mesh.shape.items())
+
+
 def resolve_impl(impl: str) -> str:
   """The implementation ``impl`` names; "auto" is megablox on TPU, tokamax on GPU (ragged_dot
-  without it), tiled on CPU."""
+  without it), tiled on CPU; ragged_dot where XLA partitions the call (no expert parallelism
+  on a multi-device mesh)."""
   if impl == "auto":
     backend = target_platform()
+    if backend in ("tpu", "gpu") and partitioned_by_xla():
+      return "ragged_dot"
     if backend == "tpu":
       return "megablox"
     if backend == "gpu":
@@ -235,6 +246,10 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, impl: 
   TPU). Both are ignored by the other implementations.
   """
   impl = resolve_impl(impl)
+  if impl in ("megablox", "tokamax") and partitioned_by_xla():
+    raise ValueError(f"grouped_matmul impl={impl!r} is a Pallas kernel, which XLA cannot split "
+                     "over the mesh: use expert parallelism (mesh.expert > 1), which runs it per "
+                     "shard, or grouped_matmul='auto' / 'ragged_dot'")
   sizes = group_sizes.astype(jnp.int32)
   if impl == "tiled":
     return _tiled(x, w, sizes, tile or default_tile(x.shape[0], w.shape[0]))

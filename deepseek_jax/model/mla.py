@@ -29,6 +29,11 @@ re-expand the latents (``absorb=False``) or keep an expanded cache.
 
 Caches: ``LatentCache`` (c_KV, k_R) for the absorbed path, ``KVCache`` (per-head k, v) for the
 expanded one. ``absorb`` selects the attention path; the cache type selects what is stored.
+
+Kernels (``attention_impl``, see attention.py): without a cache the expanded path runs the
+Pallas flash attention kernel (d_qk = H + R differs from d_v); decoding 1 or 2 tokens per row
+(2 = MTP speculative verification) on the absorbed path runs the Pallas MLA decode kernel, which
+reads the layer-stacked latent cache in place as 64-slot pages (no copy of the layer's cache).
 """
 
 from __future__ import annotations
@@ -40,9 +45,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepseek_jax.model.attention import (CacheView, KVCache, QueryProjection, attend,
-                                          masked_softmax, self_attention_mask)
+                                          causal_self_attention, masked_softmax,
+                                          self_attention_mask, uses_kernels)
 from deepseek_jax.model.layers import RMSNorm, normal_param
 from deepseek_jax.model.rope import RotaryEmbedding
+from pallas_kernels.mla_decode.ops import PAGE_SIZE, mla_decode
 
 
 class LatentCache(NamedTuple):
@@ -57,12 +64,27 @@ class LatentCache(NamedTuple):
                jnp.zeros((batch, max_len, rope_dim), dtype))
 
 
+def stacked_pages(view: CacheView, page_size: int = PAGE_SIZE):
+  """A layer-stacked LatentCache ([L,B,S,.]) seen as pages [L*B*M, G, .] (a free reshape) and
+  the block table [B, M] of layer ``view.layer``'s rows; None if S is not a multiple of G."""
+  c_kv, k_rope = view.stacked
+  layers, batch, slots = c_kv.shape[:3]
+  if slots % page_size:
+    return None
+  per_row = slots // page_size
+  pages = lambda x: x.reshape(layers * batch * per_row, page_size, x.shape[-1])
+  table = (view.layer * batch * per_row
+           + jnp.arange(batch * per_row, dtype=jnp.int32).reshape(batch, per_row))
+  return pages(c_kv), pages(k_rope), table
+
+
 class MultiHeadLatentAttention(nnx.Module):
 
   def __init__(self, d_model: int, n_heads: int, q_lora_rank: Optional[int], kv_lora_rank: int,
                qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, *,
-               decoupled_rope: bool, rotary: RotaryEmbedding, softmax_scale: float, eps: float,
-               init_std: float, dtype: str, param_dtype: str, rngs: nnx.Rngs):
+               decoupled_rope: bool, rotary: RotaryEmbedding, softmax_scale: float,
+               attention_impl: str = "auto", eps: float, init_std: float, dtype: str,
+               param_dtype: str, rngs: nnx.Rngs):
     kw = dict(std=init_std, param_dtype=param_dtype)
     self.decoupled_rope = decoupled_rope
     self.nope_dim, self.rope_dim = qk_nope_head_dim, qk_rope_head_dim
@@ -83,6 +105,7 @@ class MultiHeadLatentAttention(nnx.Module):
     self.kv_lora_rank = kv_lora_rank
     self.rotary = rotary
     self.scale = softmax_scale
+    self.attention_impl = attention_impl
     self.dtype = dtype
 
   def _weights(self, name: str) -> jax.Array:
@@ -130,19 +153,32 @@ class MultiHeadLatentAttention(nnx.Module):
       out = attend(jnp.concatenate([q_nope, q_rope], -1), k, v, mask, self.scale)
       return self._output(out), cache
 
-    if cache is not None:  # latent cache: keys are every cached latent
-      cache = cache.write(LatentCache(c_kv, k_rope), cache_index)
-      c_kv, k_rope = (a.astype(self.dtype) for a in cache.read())
-      key_positions = jnp.broadcast_to(jnp.arange(c_kv.shape[1]), c_kv.shape[:2])
-      mask = self_attention_mask(positions, None, c_kv.shape[1])
-    else:
-      key_positions = positions
-      mask = self_attention_mask(positions, segment_ids, None)
+    if cache is None:  # keys are the current tokens
+      if absorb:
+        mask = self_attention_mask(positions, segment_ids, None)
+        return self._output(self._absorbed(q_nope, q_rope, c_kv, k_rope, mask)), None
+      k, v = self.expand(c_kv, k_rope, positions)
+      out = causal_self_attention(jnp.concatenate([q_nope, q_rope], -1), k, v, segment_ids,
+                                  self.scale, self.attention_impl)
+      return self._output(out), None
 
+    cache = cache.write(LatentCache(c_kv, k_rope), cache_index)  # keys: every cached latent
+    kernel = absorb and x.shape[1] <= 2 and uses_kernels(self.attention_impl, sharded=False)
+    pages = stacked_pages(cache) if kernel else None
+    if pages is not None:  # decode / MTP verification: the Pallas kernel
+      q_lat = jnp.einsum("BTNH,CNH->BTNC", q_nope, self._weights("w_uk"))
+      q_cat = jnp.concatenate([q_lat, q_rope.astype(q_lat.dtype)], -1).astype(pages[0].dtype)
+      o_lat, _ = mla_decode(q_cat, *pages[:2], cache_index + x.shape[1], pages[2],
+                            softmax_scale=self.scale)
+      out = jnp.einsum("BTNC,CNV->BTNV", o_lat.astype(self.dtype), self._weights("w_uv"))
+      return self._output(out), cache
+    c_kv, k_rope = (a.astype(self.dtype) for a in cache.read())
+    mask = self_attention_mask(positions, None, c_kv.shape[1])
     if absorb:
       out = self._absorbed(q_nope, q_rope, c_kv, k_rope, mask)
     else:
-      k, v = self.expand(c_kv, k_rope, key_positions)
+      slots = jnp.broadcast_to(jnp.arange(c_kv.shape[1]), c_kv.shape[:2])
+      k, v = self.expand(c_kv, k_rope, slots)
       out = attend(jnp.concatenate([q_nope, q_rope], -1), k, v, mask, self.scale)
     return self._output(out), cache
 

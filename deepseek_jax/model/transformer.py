@@ -54,7 +54,7 @@ class Block(nnx.Module):
 def make_block(cfg: ModelConfig, moe: bool, rngs: nnx.Rngs) -> Block:
   common = dict(init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
   attn_kw = dict(rotary=rotary_from_config(cfg), softmax_scale=cfg.softmax_scale,
-                 eps=cfg.rms_norm_eps, **common)
+                 attention_impl=cfg.attention_impl, eps=cfg.rms_norm_eps, **common)
   if cfg.attention_kind == "mla":
     attention = MultiHeadLatentAttention(
         cfg.d_model, cfg.n_heads, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim,

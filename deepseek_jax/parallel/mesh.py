@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from pallas_kernels import platform as _platform
+
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
 
@@ -58,17 +60,12 @@ def make_mesh(shape: Mapping[str, int], devices: Optional[Sequence[jax.Device]] 
                 axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+target_platform = _platform.target_platform  # the platform being compiled for
+
+
 def batch_shards(mesh: Mesh) -> int:
   """How many ways the batch is split: the product of the batch axes' sizes."""
   return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
-
-
-def target_platform() -> str:
-  """The platform being compiled for: the context mesh's (``jax.set_mesh``; it may be an
-  ahead-of-time TPU topology on a CPU host), else the default backend."""
-  mesh = jax.sharding.get_abstract_mesh()
-  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-  return device.platform if device is not None else jax.default_backend()
 
 
 class under_mesh:

@@ -135,3 +135,16 @@ def test_gather_rows_gradient_is_the_scatter_add_autodiff_would_give():
   np.testing.assert_allclose(gather_rows(x, src, inv), jnp.concatenate([x, jnp.zeros((1, 4))])[src])
   np.testing.assert_allclose(jax.grad(lambda x: (gather_rows(x, src, inv) * cotangent).sum())(x),
                              jax.grad(reference)(x), atol=1e-6)
+
+
+def test_a_pallas_impl_is_never_handed_to_xlas_partitioner(monkeypatch):
+  """On a multi-device mesh outside shard_map XLA would have to split the call: "auto" picks
+  ragged_dot there and an explicit Pallas kernel is refused with the way out."""
+  from deepseek_jax.parallel.mesh import make_mesh
+  monkeypatch.setattr(gm, "target_platform", lambda: "tpu")
+  mesh = make_mesh({"data": 2}, jax.devices()[:2])
+  with jax.set_mesh(mesh):
+    assert gm.resolve_impl("auto") == "ragged_dot"
+    with pytest.raises(ValueError, match="expert parallelism"):
+      grouped_matmul(jnp.ones((2, 2)), jnp.ones((1, 2, 2)), jnp.array([2]), impl="megablox")
+  assert gm.resolve_impl("auto") == "megablox"  # one device: the kernel
