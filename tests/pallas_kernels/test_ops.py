@@ -136,6 +136,17 @@ def test_training_forward_and_gradients_with_the_kernel_match_xla():
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-4)
 
 
+def test_gqa_baseline_trains_through_the_kernel_like_xla():
+  """The MHA/GQA ablation baselines use the same kernel (keys repeated per query head)."""
+  tokens = jax.random.randint(jax.random.key(8), (1, 128), 0, 128)
+  gqa = dict(attention_kind="gqa", n_kv_heads=1)
+  value, grads = _loss_and_grads(_model("pallas", **gqa), tokens, None)
+  want_value, want = _loss_and_grads(_model("xla", **gqa), tokens, None)
+  np.testing.assert_allclose(value, want_value, rtol=1e-5)
+  for got, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-4)
+
+
 def test_training_under_a_mesh_runs_the_kernel_per_shard_and_matches_xla():
   tokens = jax.random.randint(jax.random.key(6), (4, 128), 0, 128)
   segments = jnp.asarray(np.repeat([[0, 1]] * 4, 64, axis=1), jnp.int32)
