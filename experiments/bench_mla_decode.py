@@ -20,14 +20,13 @@ On a machine without a GPU the kernels run in Pallas interpret mode; use that on
 from __future__ import annotations
 
 import importlib
-import statistics
-import time
 
 from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deepseek_jax.train.metrics import median_seconds
 from pallas_kernels.mla_decode import kernel_gpu
 from pallas_kernels.mla_decode.reference import mla_decode_reference
 
@@ -74,14 +73,7 @@ def kernels(interpret: bool) -> dict:
 
 def timed(fn, *args) -> float:
   """Median seconds of fn(*args) after warm-up."""
-  for _ in range(_WARMUP.value):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return median_seconds(lambda: jax.block_until_ready(fn(*args)), _WARMUP.value, _REPEATS.value)
 
 
 def copy_bandwidth(n_bytes: int) -> float:

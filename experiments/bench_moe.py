@@ -28,7 +28,6 @@ share the host's cores, so ep on CPU measures overhead, not speed-up.
 from __future__ import annotations
 
 import os
-import statistics
 import time
 
 from absl import app, flags
@@ -72,20 +71,6 @@ def useful_flops(tokens: int, d: int, e: int, k: int, f: int, n_shared: int) -> 
   return 3.0 * (routed + shared + router)
 
 
-def _time(step, n_warmup: int, n_timed: int):
-  t0 = time.perf_counter()
-  out = step()
-  first = time.perf_counter() - t0
-  for _ in range(n_warmup):
-    step()
-  times = []
-  for _ in range(n_timed):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
-  return out, first, statistics.median(times)
-
-
 def main(argv):
   del argv
   unknown = sorted(set(_PATHS.value) - set(PATHS))
@@ -101,7 +86,7 @@ def main(argv):
   from deepseek_jax.model import moe
   from deepseek_jax.parallel import expert_parallel
   from deepseek_jax.parallel.mesh import BATCH_AXES, make_mesh
-  from deepseek_jax.train.metrics import host_cpu_name
+  from deepseek_jax.train.metrics import host_cpu_name, median_seconds
 
   d, e, k, f, n_shared = _D_MODEL.value, _EXPERTS.value, _TOP_K.value, _FFN.value, _SHARED.value
   g, m_groups, b, t, dtype = (_GROUPS.value, _LIMITED.value, _BATCH.value, _SEQ.value,
@@ -164,7 +149,10 @@ def main(argv):
       def step(fn=fn, p_in=p_in, x_in=x_in):
         return jax.block_until_ready(fn(p_in, x_in))
 
-    ((_, (y, stats)), _), first, median = _time(step, _WARMUP.value, _STEPS.value)
+    t0 = time.perf_counter()
+    (_, (y, stats)), _ = step()
+    first = time.perf_counter() - t0
+    median = median_seconds(step, _WARMUP.value, _STEPS.value)
     results[path] = dict(ms=1e3 * median, first=first, y=np.asarray(y, np.float32),
                          devices=_EP.value * (n_dev // _EP.value) if path == "ep" else 1)
     if path == "ep":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -51,17 +50,6 @@ def _tokens(vocab: int):
   return np.random.default_rng(0).integers(3, vocab, (_BATCH.value, _SEQ.value + 1)).astype(np.int32)
 
 
-def _time(step, n_warmup: int, n_timed: int) -> list[float]:
-  for _ in range(n_warmup):
-    step()
-  times = []
-  for _ in range(n_timed):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
-  return times
-
-
 def run_jax() -> dict:
   from deepseek_jax.train.trainer import set_cpu_xla_flags
   set_cpu_xla_flags()  # the same XLA flags as experiments/train.py
@@ -71,6 +59,7 @@ def run_jax() -> dict:
   from deepseek_jax.parallel.partitioning import batch_sharding, get_rules
   from deepseek_jax.train.config import default_config
   from deepseek_jax.train.optimizer import make_optimizer, piecewise_constant
+  from deepseek_jax.train.metrics import median_seconds
   from deepseek_jax.train.step import StepOptions, init_train_state, jit_train_step
 
   cfg = _model_config()
@@ -95,10 +84,10 @@ def run_jax() -> dict:
   t0 = time.perf_counter()
   step()
   compile_s = time.perf_counter() - t0
-  times = _time(step, _WARMUP.value - 1, _STEPS.value)
+  step_s = median_seconds(step, _WARMUP.value - 1, _STEPS.value)
   stats = jax.devices()[0].memory_stats() or {}
   peak = stats.get("peak_bytes_in_use") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-  return dict(step_s=statistics.median(times), first_step_s=compile_s, peak_bytes=peak,
+  return dict(step_s=step_s, first_step_s=compile_s, peak_bytes=peak,
               peak_kind="device" if "peak_bytes_in_use" in stats else "process RSS",
               devices=jax.device_count(), device=jax.devices()[0].device_kind,
               platform=jax.default_backend(), jax=jax.__version__)
@@ -108,6 +97,7 @@ def run_hf() -> dict:
   import torch
   from transformers import DeepseekV3ForCausalLM
   from deepseek_jax.interop.hf_config import to_hf_v3_config
+  from deepseek_jax.train.metrics import median_seconds
 
   cfg = _model_config()
   torch.manual_seed(0)
@@ -122,8 +112,7 @@ def run_hf() -> dict:
     opt.step()
     opt.zero_grad(set_to_none=True)
 
-  times = _time(step, _WARMUP.value, _STEPS.value)
-  return dict(step_s=statistics.median(times), peak_bytes=resource.getrusage(
+  return dict(step_s=median_seconds(step, _WARMUP.value, _STEPS.value), peak_bytes=resource.getrusage(
       resource.RUSAGE_SELF).ru_maxrss * 1024, peak_kind="process RSS", torch=torch.__version__,
               threads=torch.get_num_threads(),
               params=sum(p.numel() for p in model.parameters()))

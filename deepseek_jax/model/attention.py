@@ -28,6 +28,7 @@ from flax import nnx
 from deepseek_jax.model.layers import RMSNorm, normal_param
 from deepseek_jax.model.rope import RotaryEmbedding
 from deepseek_jax.parallel.mesh import BATCH_AXES, target_platform
+from deepseek_jax.parallel.partitioning import logical_to_spec
 from pallas_kernels.flash_attention.ops import flash_attention
 
 
@@ -123,39 +124,24 @@ def uses_kernels(attention_impl: str, sharded: bool = True) -> bool:
   return attention_impl == "pallas"
 
 
-def per_shard(fn, batched, head_dims, *args):
-  """``fn(*args)`` per shard of the context mesh (a Pallas call cannot be partitioned by XLA).
+# How activations around a Pallas call are split (a kernel runs per shard, on whole heads).
+_KERNEL_RULES = {"batch": BATCH_AXES, "heads": "tensor"}
 
-  Dim 0 of every arg splits over the batch axes that divide it; ``head_dims[i]`` (or None)
-  names arg i's heads dim, split over "tensor" when it divides. Outputs are laid out like
-  ``batched`` (an arg index whose spec they share). Without a mesh this is ``fn(*args)``.
+
+def per_shard(fn, logical_axes, *args):
+  """``fn(*args)`` per shard of the context mesh: XLA cannot partition a Pallas call.
+
+  ``logical_axes[i]`` names arg i's dims ("batch", "heads" or None); they split as the
+  partitioning rules split them (batch over the batch axes, heads over "tensor", a dim its mesh
+  axes do not divide stays whole). The output is laid out like ``args[0]``. Without a
+  multi-device mesh this is ``fn(*args)``.
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return fn(*args)
-  batch = args[0].shape[0]
-  batch_axes = []
-  for axis in BATCH_AXES:
-    ways = mesh.shape.get(axis, 1)
-    if ways > 1 and batch % (ways * _ways(mesh, batch_axes)) == 0:
-      batch_axes.append(axis)
-  tensor = mesh.shape.get("tensor", 1)
-
-  def spec(arg, head_dim):
-    parts = [tuple(batch_axes) or None] + [None] * (arg.ndim - 1)
-    if head_dim is not None and tensor > 1 and arg.shape[head_dim] % tensor == 0:
-      parts[head_dim] = "tensor"
-    return jax.sharding.PartitionSpec(*parts)
-
-  specs = tuple(spec(a, d) for a, d in zip(args, head_dims))
-  return jax.shard_map(fn, in_specs=specs, out_specs=specs[batched], check_vma=False)(*args)
-
-
-def _ways(mesh, axes) -> int:
-  ways = 1
-  for axis in axes:
-    ways *= mesh.shape[axis]
-  return ways
+  specs = tuple(logical_to_spec(axes, _KERNEL_RULES, mesh, arg.shape)
+                for axes, arg in zip(logical_axes, args))
+  return jax.shard_map(fn, in_specs=specs, out_specs=specs[0], check_vma=False)(*args)
 
 
 def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -169,8 +155,11 @@ def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if k.shape[2] != q.shape[2]:  # GQA: the kernel takes one key/value head per query head
     k, v = (jnp.repeat(a, q.shape[2] // k.shape[2], axis=2) for a in (k, v))
   kernel = lambda q, k, v, *seg: flash_attention(q, k, v, *seg, softmax_scale=scale)
-  args = (q, k, v) + (() if segment_ids is None else (segment_ids,))
-  return per_shard(kernel, 0, (2, 2, 2, None)[:len(args)], *args)
+  heads = ("batch", None, "heads", None)
+  args, axes = (q, k, v), (heads,) * 3
+  if segment_ids is not None:
+    args, axes = args + (segment_ids,), axes + (("batch", None),)
+  return per_shard(kernel, axes, *args)
 
 
 class QueryProjection(nnx.Module):

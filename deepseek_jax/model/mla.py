@@ -49,7 +49,7 @@ from deepseek_jax.model.attention import (CacheView, KVCache, QueryProjection, a
                                           self_attention_mask, uses_kernels)
 from deepseek_jax.model.layers import RMSNorm, normal_param
 from deepseek_jax.model.rope import RotaryEmbedding
-from pallas_kernels.mla_decode.ops import PAGE_SIZE, mla_decode
+from pallas_kernels.mla_decode.ops import PAGE_SIZE, contiguous_as_pages, mla_decode
 
 
 class LatentCache(NamedTuple):
@@ -64,18 +64,14 @@ class LatentCache(NamedTuple):
                jnp.zeros((batch, max_len, rope_dim), dtype))
 
 
-def stacked_pages(view: CacheView, page_size: int = PAGE_SIZE):
+def stacked_pages(view: CacheView):
   """A layer-stacked LatentCache ([L,B,S,.]) seen as pages [L*B*M, G, .] (a free reshape) and
   the block table [B, M] of layer ``view.layer``'s rows; None if S is not a multiple of G."""
   c_kv, k_rope = view.stacked
-  layers, batch, slots = c_kv.shape[:3]
-  if slots % page_size:
+  batch, slots = c_kv.shape[1:3]
+  if slots % PAGE_SIZE:
     return None
-  per_row = slots // page_size
-  pages = lambda x: x.reshape(layers * batch * per_row, page_size, x.shape[-1])
-  table = (view.layer * batch * per_row
-           + jnp.arange(batch * per_row, dtype=jnp.int32).reshape(batch, per_row))
-  return pages(c_kv), pages(k_rope), table
+  return contiguous_as_pages(c_kv, k_rope, first_row=view.layer * batch, n_rows=batch)
 
 
 class MultiHeadLatentAttention(nnx.Module):

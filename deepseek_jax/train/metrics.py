@@ -51,6 +51,19 @@ def device_peak_flops(override: float = 0.0) -> tuple[float, str]:
   return 0.0, f"unknown device {kind!r}"
 
 
+def median_seconds(step, n_warmup: int, n_timed: int) -> float:
+  """Median wall-clock seconds of ``step()`` over ``n_timed`` calls after ``n_warmup`` untimed
+  ones (benchmarks). ``step`` must wait for its own results (``jax.block_until_ready``)."""
+  for _ in range(n_warmup):
+    step()
+  times = []
+  for _ in range(n_timed):
+    t0 = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
 def host_cpu_name() -> str:
   """The host CPU's model name (/proc/cpuinfo), for benchmark headers."""
   try:

@@ -269,9 +269,7 @@ def _dkv_kernel(*refs, scale, causal, has_seg, bq, bkv):
     q_seg = seg_rows_ref[:1, :] if has_seg else None  # [1, bq]
     k_seg = seg_cols_ref[:, :1] if has_seg else None  # [bkv, 1]
     keep = _visible(s_t.shape, 1, i * bq, j * bkv, apply_causal, q_seg, k_seg)
-    if keep is not None:
-      s_t = jnp.where(keep, s_t, _MASK_VALUE)
-    p_t = jnp.exp(s_t - lse_ref[...])
+    p_t = _probabilities(s_t, keep, lse_ref[...])
     dv_scr[...] += _dot(p_t.astype(d_out.dtype), d_out)
     dp_t = _dot(v_ref[...], d_out, 1)
     ds_t = p_t * (dp_t - delta_ref[...])
@@ -283,6 +281,13 @@ def _dkv_kernel(*refs, scale, causal, has_seg, bq, bkv):
   def _finish():
     dk_ref[...] = (dk_scr[...] * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
+
+
+def _probabilities(scores, keep, lse):
+  """P = exp(s - lse) recomputed in the backward pass, masked scores included."""
+  if keep is not None:
+    scores = jnp.where(keep, scores, _MASK_VALUE)
+  return jnp.exp(scores - lse)
 
 
 def _dq_kernel(*refs, scale, causal, has_seg, bq, bkv):
@@ -303,9 +308,7 @@ def _dq_kernel(*refs, scale, causal, has_seg, bq, bkv):
     q_seg = seg_cols_ref[:, :1] if has_seg else None
     k_seg = seg_rows_ref[:1, :] if has_seg else None
     keep = _visible(s.shape, 0, i * bq, j * bkv, apply_causal, q_seg, k_seg)
-    if keep is not None:
-      s = jnp.where(keep, s, _MASK_VALUE)
-    p = jnp.exp(s - lse_scr[...])
+    p = _probabilities(s, keep, lse_scr[...])
     dp = _dot(do_ref[...], v_ref[...], 1)
     ds = p * (dp - delta_scr[...])
     dq_scr[...] += _dot(ds.astype(k.dtype), k)

@@ -14,21 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.platform import target_platform
 from pallas_kernels.flash_attention import reference
+from pallas_kernels.platform import kernel_backend, warn_fallback
 
 IMPLS = ("xla", "pallas")
-
-
-@functools.lru_cache(maxsize=None)
-def _fallback_warning(reason: str) -> None:
-  logging.warning("flash_attention: using the XLA path: %s", reason)
 
 
 def _kernel_module(backend: str):
@@ -88,14 +82,12 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if q.shape[1] != k.shape[1]:
     raise ValueError(f"flash_attention is self-attention: q has {q.shape[1]} tokens, k has "
                      f"{k.shape[1]}")
-  platform = target_platform()
-  backend = backend or ("gpu" if platform == "gpu" else "tpu")
-  interpret = platform == "cpu" if interpret is None else interpret
+  backend, interpret = kernel_backend(backend, interpret)
   if impl == "pallas":
     reason = _kernel_module(backend).unsupported_reason(
         _bnth(q.shape), _bnth(k.shape), _bnth(v.shape), **blocks)
     if reason is not None:
-      _fallback_warning(f"{backend} kernel: {reason}")
+      warn_fallback("flash_attention", f"{backend} kernel: {reason}")
       impl = "xla"
   if impl == "xla":
     return reference.attention_reference(q, k, v, segment_ids, softmax_scale=softmax_scale,

@@ -9,23 +9,16 @@ cache whose row b owns pages b*M .. b*M + M - 1 (a free reshape, no copy).
 
 from __future__ import annotations
 
-import functools
-import logging
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.platform import target_platform
 from pallas_kernels.mla_decode import reference
+from pallas_kernels.platform import kernel_backend, warn_fallback
 
 IMPLS = ("xla", "pallas")
 PAGE_SIZE = 64  # FlashMLA's page (block) size
-
-
-@functools.lru_cache(maxsize=None)
-def _fallback_warning(reason: str) -> None:
-  logging.warning("mla_decode: using the XLA path: %s", reason)
 
 
 def _kernel_module(backend: str):
@@ -36,16 +29,22 @@ def _kernel_module(backend: str):
   return kernel_tpu
 
 
-def contiguous_as_pages(c_kv: jax.Array, k_rope: jax.Array, page_size: int = PAGE_SIZE):
-  """[B, S, C], [B, S, R] -> pages [B*M, G, C], [B*M, G, R] and the block table [B, M]."""
-  batch, slots = c_kv.shape[:2]
+def contiguous_as_pages(c_kv: jax.Array, k_rope: jax.Array, first_row: jax.Array | int = 0,
+                        n_rows: Optional[int] = None, page_size: int = PAGE_SIZE):
+  """Contiguous caches [..., S, C], [..., S, R] as pages [rows*M, G, C], [rows*M, G, R] (a free
+  reshape; leading dims are flattened into rows) and the block table [n_rows, M] of rows
+  first_row .. first_row + n_rows - 1 (default: all rows)."""
+  slots = c_kv.shape[-2]
   if slots % page_size:
     raise ValueError(f"a contiguous cache of {slots} slots is not a whole number of "
                      f"{page_size}-slot pages; allocate a multiple of {page_size} slots")
-  pages = slots // page_size
-  to_pages = lambda x: x.reshape(batch * pages, page_size, x.shape[-1])
-  table = jnp.arange(batch * pages, dtype=jnp.int32).reshape(batch, pages)
-  return to_pages(c_kv), to_pages(k_rope), table
+  per_row = slots // page_size
+  to_pages = lambda x: x.reshape(-1, page_size, x.shape[-1])
+  c_pages, r_pages = to_pages(c_kv), to_pages(k_rope)
+  n_rows = c_pages.shape[0] // per_row if n_rows is None else n_rows
+  table = (first_row * per_row
+           + jnp.arange(n_rows * per_row, dtype=jnp.int32).reshape(n_rows, per_row))
+  return c_pages, r_pages, table
 
 
 def mla_decode(q: jax.Array, c_kv: jax.Array, k_rope: jax.Array, lengths: jax.Array,
@@ -66,9 +65,7 @@ def mla_decode(q: jax.Array, c_kv: jax.Array, k_rope: jax.Array, lengths: jax.Ar
   width = c_kv.shape[-1]
   if q.shape[-1] != width + k_rope.shape[-1]:
     raise ValueError(f"q's last dim {q.shape[-1]} must be C + R = {width} + {k_rope.shape[-1]}")
-  platform = target_platform()
-  backend = backend or ("gpu" if platform == "gpu" else "tpu")
-  interpret = platform == "cpu" if interpret is None else interpret
+  backend, interpret = kernel_backend(backend, interpret)
   if impl == "pallas":
     pages, reason = (c_kv, k_rope, block_table), None
     if block_table is None:
@@ -80,7 +77,7 @@ def mla_decode(q: jax.Array, c_kv: jax.Array, k_rope: jax.Array, lengths: jax.Ar
       reason = _kernel_module(backend).unsupported_reason(
           q.shape, pages[0].shape, pages[1].shape, pages[2].shape)
     if reason is not None:
-      _fallback_warning(f"{backend} kernel: {reason}")
+      warn_fallback("mla_decode", f"{backend} kernel: {reason}")
       impl = "xla"
   if impl == "xla":
     return reference.mla_decode_reference(q, c_kv, k_rope, lengths, block_table,
