@@ -25,17 +25,29 @@ our [in, out] einsum layout, per-head axes split out):
 plus ``model.embed_tokens``, ``model.norm``, ``lm_head`` [V, D] (absent when tied). MTP depth j
 is HF layer ``num_hidden_layers + j - 1`` (V3: 61): a full block plus ``enorm``, ``hnorm``,
 ``eh_proj`` [D, 2D] and ``shared_head.norm``; its ``embed_tokens`` and ``shared_head.head`` are
-copies of the shared embedding and head, checked for shape, skipped on load, written on save.
+copies of the shared embedding and head (``Entry.copy_of``), written on save.
+
+Copies are checked, not trusted: a tensor the loader skips because it duplicates another (the
+MTP layers' ``embed_tokens`` / ``shared_head.head``, and a stored ``lm_head.weight`` when
+``tie_word_embeddings`` is true) must equal what it copies, value for value. Equal: skipped.
+Different: refused (``CheckpointError`` naming the tensor) rather than picking one of the two
+silently; fix the checkpoint or its config.json. The comparison walks both memory-mapped
+tensors in row chunks (``_COPY_CHECK_BYTES``), so the host never holds a second whole copy.
 
 FP8 checkpoints (V3/R1: float8_e4m3fn weights with a ``weight_scale_inv`` per 128x128 block)
 are dequantised on load, w = q * s block-wise in float32, then cast to ``param_dtype`` (bf16 for
 released FP8 checkpoints, as DeepSeek's own fp8_cast_bf16 does). FP8 is not kept: there is no
-FP8 execution path to keep it for yet.
+FP8 execution path to keep it for yet. ``quantization_config.scale_fmt: "ue8m0"`` (later
+DeepSeek releases) makes every scale a power of two, 2^e, stored as float32 or as safetensors
+``F8_E8M0`` (one exponent byte): w = q * 2^e is then exact in float32. With ue8m0 a float32
+scale that is not a power of two is refused naming the tensor, as is the E8M0 NaN byte 0xFF in
+any checkpoint; an unknown ``scale_fmt`` is refused naming the field. Scale values are checked
+as each weight is dequantised.
 
 Memory: every weight is built by ``jax.make_array_from_callback`` from memory-mapped tensors,
 shard by shard: a process reads only the pieces its devices hold, and the host holds at most
 one device shard plus the source tensor it is cut from. Saving writes tensor by tensor.
-Everything is validated (files, names, shapes) before any weight is read.
+Everything is validated (files, names, shapes, copies) before any weight is loaded.
 """
 
 from __future__ import annotations
@@ -63,6 +75,9 @@ from deepseek_jax.parallel.partitioning import placement
 
 EXPERT_LAYOUTS = ("hub", "fused")
 _FP8 = (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
+_E8M0 = np.dtype(ml_dtypes.float8_e8m0fnu)
+_SCALE_FMTS = (None, "ue8m0")
+_COPY_CHECK_BYTES = 16 * 2**20  # float64 bytes per side compared at a time
 
 
 class Codec(NamedTuple):
@@ -115,7 +130,7 @@ class Entry(NamedTuple):
   targets: tuple  # ((leaf path, lead index), ...), one per codec part
   codec: Codec
   float32: bool = False  # always stored in float32 (the score-correction bias)
-  copy: bool = False  # a duplicate of another tensor (MTP embedding/head): written, not read
+  copy_of: Optional[str] = None  # the HF tensor this one duplicates: written, checked, not read
 
 
 def _block_entries(cfg: ModelConfig, prefix: str, base: tuple, lead: tuple, moe: bool,
@@ -175,6 +190,7 @@ def weight_entries(cfg: ModelConfig, expert_layout: str = "hub") -> list[Entry]:
   embed = (("embed", "embedding"), ())
   head = (("lm_head",), ()) if not cfg.tie_embeddings else embed
   head_codec = _IDENTITY if cfg.tie_embeddings else _TRANSPOSE
+  head_name = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
   entries = [Entry("model.embed_tokens.weight", (vocab, d), (embed,), _IDENTITY)]
   for i in range(cfg.n_layers):
     moe = i >= cfg.n_dense_layers
@@ -186,12 +202,14 @@ def weight_entries(cfg: ModelConfig, expert_layout: str = "hub") -> list[Entry]:
   for k in range(cfg.n_mtp_modules):
     prefix, base = f"model.layers.{cfg.n_layers + k}.", ("mtp", k)
     entries += [
-        Entry(prefix + "embed_tokens.weight", (vocab, d), (embed,), _IDENTITY, copy=True),
+        Entry(prefix + "embed_tokens.weight", (vocab, d), (embed,), _IDENTITY,
+              copy_of="model.embed_tokens.weight"),
         Entry(prefix + "enorm.weight", (d,), ((base + ("enorm", "scale"), ()),), _IDENTITY),
         Entry(prefix + "hnorm.weight", (d,), ((base + ("hnorm", "scale"), ()),), _IDENTITY),
         Entry(prefix + "eh_proj.weight", (d, 2 * d), ((base + ("eh_proj",), ()),), _TRANSPOSE),
         Entry(prefix + "shared_head.norm.weight", (d,), ((base + ("norm", "scale"), ()),), _IDENTITY),
-        Entry(prefix + "shared_head.head.weight", (vocab, d), (head,), head_codec, copy=True),
+        Entry(prefix + "shared_head.head.weight", (vocab, d), (head,), head_codec,
+              copy_of=head_name),
     ]
     entries += _block_entries(cfg, prefix, base + ("block",), (), cfg.n_moe_layers > 0, expert_layout)
   return entries
@@ -207,6 +225,28 @@ def read_hf_config(directory: str) -> dict:
     return json.load(f)
 
 
+class Quantization(NamedTuple):
+  """A checkpoint's ``quantization_config``: FP8 weight blocks [rows, cols], and whether every
+  block scale must be a power of two (``scale_fmt: "ue8m0"``)."""
+
+  block: tuple[int, int] = (128, 128)
+  ue8m0: bool = False
+
+
+def read_quantization(hf: dict) -> Quantization:
+  """The ``quantization_config`` of config.json ``hf``; raises CheckpointError naming the field
+  for a method or scale format not dequantised here."""
+  quant = hf.get("quantization_config") or {}
+  if quant and quant.get("quant_method", "fp8") != "fp8":
+    raise CheckpointError(f"quantization_config.quant_method={quant['quant_method']!r} is not "
+                          "supported; only DeepSeek's block-scaled FP8 is dequantised on load")
+  scale_fmt = quant.get("scale_fmt")
+  if scale_fmt not in _SCALE_FMTS:
+    raise CheckpointError(f"quantization_config.scale_fmt={scale_fmt!r} is not supported; known "
+                          f"formats: {_SCALE_FMTS} (absent: any float32 scale)")
+  return Quantization(tuple(quant.get("weight_block_size") or (128, 128)), scale_fmt == "ue8m0")
+
+
 def _detect_layout(reader: CheckpointReader, cfg: ModelConfig) -> str:
   if cfg.n_moe_layers and f"model.layers.{cfg.n_dense_layers}.mlp.experts.gate_up_proj" in reader:
     return "fused"
@@ -215,6 +255,12 @@ def _detect_layout(reader: CheckpointReader, cfg: ModelConfig) -> str:
 
 def _scale_shape(shape, block) -> tuple[int, int]:
   return tuple(-(-s // b) for s, b in zip(shape, block))
+
+
+def _tied_head(cfg: ModelConfig) -> Entry:
+  """A stored ``lm_head.weight`` of a tied model: a copy of the embedding, checked, not read."""
+  return Entry("lm_head.weight", (cfg.vocab_size, cfg.d_model), (), _IDENTITY,
+               copy_of="model.embed_tokens.weight")
 
 
 def _validate(reader: CheckpointReader, entries: list[Entry], cfg: ModelConfig, block) -> None:
@@ -228,8 +274,12 @@ def _validate(reader: CheckpointReader, entries: list[Entry], cfg: ModelConfig, 
     found = reader.shape(entry.name)
     if found != entry.shape:
       wrong.append(f"{entry.name}: checkpoint {list(found)}, model expects {list(entry.shape)}")
+    stored = reader.tensors[entry.name].dtype
+    if stored == _E8M0:
+      raise CheckpointError(f"{entry.name} is stored as F8_E8M0, a format for block scales only "
+                            "(powers of two); re-export it in a weight dtype")
     scale = entry.name + "_scale_inv"
-    if reader.tensors[entry.name].dtype in _FP8 and not entry.copy:
+    if stored in _FP8:
       if scale not in reader:
         raise CheckpointError(f"{entry.name} is FP8 but {scale} (its block scales) is missing")
       used.add(scale)
@@ -254,24 +304,80 @@ def _validate(reader: CheckpointReader, entries: list[Entry], cfg: ModelConfig, 
 
 
 def _ignored(name: str, cfg: ModelConfig) -> bool:
-  """Tensors deliberately not loaded: MTP layers when MTP is off, a tied head's copy."""
+  """Tensors deliberately not loaded: the MTP layers when MTP is off."""
   m = re.match(r"model\.layers\.(\d+)\.", name)
-  if m and int(m.group(1)) >= cfg.n_layers + cfg.n_mtp_modules:
-    return True
-  return name == "lm_head.weight" and cfg.tie_embeddings
+  return bool(m) and int(m.group(1)) >= cfg.n_layers + cfg.n_mtp_modules
 
 
-def _read(reader: CheckpointReader, name: str, block) -> np.ndarray:
-  """The tensor as stored, or dequantised to float32 if it is FP8 (w = q * s per block)."""
-  x = reader.get(name)
+def _scales(reader: CheckpointReader, name: str, quant: Quantization) -> np.ndarray:
+  """The float32 block scales ``name`` (an FP8 weight's ``*_scale_inv``), checked: no E8M0 NaN
+  byte (0xFF), and only powers of two under ue8m0. Raises CheckpointError naming the tensor."""
+  raw = reader.get(name)
+  if raw.dtype == _E8M0:
+    nan = np.flatnonzero(raw.view(np.uint8) == 0xFF)
+    if nan.size:
+      raise CheckpointError(f"{name} holds the F8_E8M0 NaN byte 0xFF at flat index {nan[0]}: the "
+                            "block scale is undefined; the checkpoint is corrupt, re-download it")
+    return raw.astype(np.float32)  # 2^(byte - 127), exact (2^-127 is a float32 subnormal)
+  scale = np.asarray(raw, np.float32)
+  if quant.ue8m0:
+    bad = np.flatnonzero(~(np.isfinite(scale) & (np.frexp(scale)[0] == 0.5)))
+    if bad.size:
+      raise CheckpointError(f"{name}: scale {scale.flat[bad[0]]!r} at flat index {bad[0]} is not a "
+                            "power of two, but quantization_config.scale_fmt is 'ue8m0'; the "
+                            "checkpoint is corrupt or its scale_fmt is wrong")
+  return scale
+
+
+def _read(reader: CheckpointReader, name: str, quant: Quantization, start: int = 0,
+          stop: Optional[int] = None) -> np.ndarray:
+  """Rows [start, stop) of the tensor as stored (a memory-mapped view), or dequantised to
+  float32 if it is FP8 (w = q * s per block; ``start`` then a multiple of the block rows)."""
+  x = reader.get(name)[start:stop]
   if x.dtype not in _FP8:
     return x
-  scale = np.asarray(reader.get(name + "_scale_inv"), np.float32)
-  expanded = np.repeat(np.repeat(scale, block[0], axis=0), block[1], axis=1)
+  rows, cols = quant.block
+  scale = _scales(reader, name + "_scale_inv", quant)[start // rows:-(-(start + len(x)) // rows)]
+  expanded = np.repeat(np.repeat(scale, rows, axis=0), cols, axis=1)
   return x.astype(np.float32) * expanded[:x.shape[0], :x.shape[1]]
 
 
-def _leaf_callback(reader, pieces: dict, shape, dtype, block):
+def _check_copies(reader: CheckpointReader, entries: list[Entry], quant: Quantization,
+                  chunk_bytes: int = _COPY_CHECK_BYTES) -> None:
+  """Each ``copy_of`` entry equals, value for value, the tensor it duplicates. Both are read in
+  row chunks of about ``chunk_bytes`` (as float64) from the memory maps. Raises CheckpointError
+  naming the copy, its source and the fix."""
+  for entry in entries:
+    if not entry.copy_of:
+      continue
+    name, source = entry.name, entry.copy_of
+    shape = reader.shape(name)
+    if reader.shape(source) != shape:
+      raise CheckpointError(f"{name} {list(shape)} must be a copy of {source} "
+                            f"{list(reader.shape(source))}; {_copy_fix(name, source)}")
+    row = 8 * int(np.prod(shape[1:], dtype=np.int64))
+    step = max(1, chunk_bytes // max(row, 1))
+    if reader.tensors[name].dtype in _FP8 or reader.tensors[source].dtype in _FP8:
+      step = max(1, step // quant.block[0]) * quant.block[0]
+    for start in range(0, shape[0], step):
+      a = np.asarray(_read(reader, name, quant, start, start + step), np.float64)
+      b = np.asarray(_read(reader, source, quant, start, start + step), np.float64)
+      differ = ~((a == b) | (np.isnan(a) & np.isnan(b)))
+      if differ.any():
+        first = start + int(np.argwhere(differ)[0][0])
+        raise CheckpointError(f"{reader.directory}: {name} differs from {source} (first in row "
+                              f"{first}) but must be a copy of it; {_copy_fix(name, source)}")
+
+
+def _copy_fix(name: str, source: str) -> str:
+  if name == "lm_head.weight":
+    return ("config.json says tie_word_embeddings=true, so the head is the embedding: delete "
+            "lm_head.weight, or set tie_word_embeddings to false if the head was trained apart")
+  return ("the MTP module shares the main model's embedding and head (V3 §2.2): store "
+          f"{source}'s values there, or load with load_mtp=False")
+
+
+def _leaf_callback(reader, pieces: dict, shape, dtype, quant: Quantization):
   """make_array_from_callback's data callback for one leaf: assemble the shard at ``index``
   from the pieces (one HF tensor part each) covering its leading (layer/expert) axes."""
   depth = len(next(iter(pieces)))
@@ -283,7 +389,7 @@ def _leaf_callback(reader, pieces: dict, shape, dtype, block):
     for local, lead in zip(itertools.product(*[range(len(r)) for r in ranges[:depth]]),
                            itertools.product(*ranges[:depth])):
       entry, part = pieces[lead]
-      piece = entry.codec.decode(_read(reader, entry.name, block))[part]
+      piece = entry.codec.decode(_read(reader, entry.name, quant))[part]
       out[local] = piece[index[depth:]]
     return out
 
@@ -294,7 +400,7 @@ def _leaf_pieces(entries: list[Entry], state) -> dict:
   """leaf path -> {lead index: (entry, part)}, checked to cover every leaf completely."""
   pieces: dict = {}
   for entry in entries:
-    if entry.copy:
+    if entry.copy_of:
       continue
     for part, (path, lead) in enumerate(entry.targets):
       pieces.setdefault(path, {})[lead] = (entry, part)
@@ -317,21 +423,22 @@ def load_hf_checkpoint(directory: str, *, mesh: Optional[Mesh] = None, rules: st
   weight is created directly in its shards under the logical-axis ``rules``; otherwise on the
   first device. ``load_mtp``: None loads the MTP module(s) if the checkpoint holds them
   (transformers saves none, though its config counts them), True requires them, False skips them.
+  Raises CheckpointError (files, names, shapes, copies, FP8 scales) or UnsupportedConfig
+  (config.json), each naming the tensor or field.
   """
   hf = read_hf_config(directory)
   reader = CheckpointReader(directory)
   if load_mtp is None:
     load_mtp = f"model.layers.{hf.get('num_hidden_layers')}.eh_proj.weight" in reader
-  quant = hf.get("quantization_config") or {}
-  if quant and quant.get("quant_method", "fp8") != "fp8":
-    raise CheckpointError(f"quantization_config.quant_method={quant['quant_method']!r} is not "
-                          "supported; only DeepSeek's block-scaled FP8 is dequantised on load")
-  block = tuple(quant.get("weight_block_size") or (128, 128))
-  if quant and "param_dtype" not in overrides:
+  quant = read_quantization(hf)
+  if hf.get("quantization_config") and "param_dtype" not in overrides:
     overrides = {"param_dtype": "bfloat16", "dtype": "bfloat16", **overrides}
   cfg = from_hf_config(hf, load_mtp=load_mtp, **overrides)
   entries = weight_entries(cfg, _detect_layout(reader, cfg))
-  _validate(reader, entries, cfg, block)
+  if cfg.tie_embeddings and "lm_head.weight" in reader:
+    entries.append(_tied_head(cfg))
+  _validate(reader, entries, cfg, quant.block)
+  _check_copies(reader, entries, quant)
 
   graphdef, abstract = nnx.split(abstract_model(cfg))
   pieces = _leaf_pieces(entries, abstract)
@@ -339,7 +446,7 @@ def load_hf_checkpoint(directory: str, *, mesh: Optional[Mesh] = None, rules: st
 
   def build(path, variable):
     dtype = np.dtype(variable.dtype)
-    callback = _leaf_callback(reader, pieces[path], variable.shape, dtype, block)
+    callback = _leaf_callback(reader, pieces[path], variable.shape, dtype, quant)
     return variable.replace(jax.make_array_from_callback(
         variable.shape, sharding_of[path].get_value(), callback, dtype=dtype))
 

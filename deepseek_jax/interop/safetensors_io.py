@@ -9,7 +9,9 @@ Reading maps each file into memory (``np.memmap``) and hands out views: nothing 
 disk until a tensor's bytes are touched, so a loader holds at most the tensor it is working on.
 Writing plans every shard from the tensors' shapes first, then writes each tensor as it is
 produced: one tensor in host memory at a time, whatever the checkpoint's size.
-bfloat16 and float8 come from ``ml_dtypes`` (a JAX dependency); torch is not needed.
+bfloat16 and the float8 formats come from ``ml_dtypes`` (a JAX dependency); torch is not needed.
+``F8_E8M0`` (``ml_dtypes.float8_e8m0fnu``: one exponent byte, 2^(byte - 127), 0xFF = NaN) holds
+the power-of-two block scales of later DeepSeek FP8 releases; it is read and written like the rest.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ SINGLE_FILE = "model.safetensors"
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
+    "I64": np.dtype(np.int64),
     "I32": np.dtype(np.int32), "I16": np.dtype(np.int16), "I8": np.dtype(np.int8),
     "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
