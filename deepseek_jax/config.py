@@ -3,7 +3,9 @@
 Every architectural choice of DeepSeek-V2/V3 is a field here, so an ablation is a one-field
 override: ``ModelConfig.preset("small", attention_kind="gqa", n_kv_heads=2)``.
 Validation runs in ``__post_init__``: a bad combination raises ``ValueError`` naming the field
-and the fix before anything is built or compiled.
+and the fix before anything is built or compiled. Each field's annotation is its type check
+(``typed_fields``: ``int | None``, ``Literal[...]`` choices, ``tuple[X, ...]``), and the same
+reading types the command-line overrides (``deepseek_jax/train/config.py``).
 
 Shapes of the released models follow DeepSeek-V2 (arXiv 2405.04434) Table/App. and the
 DeepSeek-V3 (arXiv 2412.19437) §4.2 hyper-parameters; see ../shared/REFERENCE.md §1.
@@ -13,17 +15,31 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, Literal, get_args
 
-ATTENTION_KINDS = ("mla", "mha", "gqa")
-ATTENTION_IMPLS = ("auto", "xla", "pallas")
-SCORE_FUNCS = ("softmax", "sigmoid")
-GROUP_SCORES = ("max", "top2_sum")
-BALANCE_SCOPES = ("sequence", "batch")
-EXPERT_EXCHANGES = ("auto", "ragged", "padded")
-GROUPED_MATMUL_IMPLS = ("auto", "ragged_dot", "tiled", "megablox", "tokamax")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-DTYPES = ("float32", "bfloat16", "float16")
+from deepseek_jax import typed_fields
+
+# The choice fields: each Literal is the field's annotation (typed_fields checks the value and
+# types its command-line override); the tuple beside it is the same choices for other code.
+AttentionKind = Literal["mla", "mha", "gqa"]
+AttentionImpl = Literal["auto", "xla", "pallas"]
+ScoreFunc = Literal["softmax", "sigmoid"]
+GroupScore = Literal["max", "top2_sum"]
+BalanceScope = Literal["sequence", "batch"]
+ExpertExchange = Literal["auto", "ragged", "padded"]
+GroupedMatmulImpl = Literal["auto", "ragged_dot", "tiled", "megablox", "tokamax"]
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+ATTENTION_KINDS = get_args(AttentionKind)
+ATTENTION_IMPLS = get_args(AttentionImpl)
+SCORE_FUNCS = get_args(ScoreFunc)
+GROUP_SCORES = get_args(GroupScore)
+BALANCE_SCOPES = get_args(BalanceScope)
+EXPERT_EXCHANGES = get_args(ExpertExchange)
+GROUPED_MATMUL_IMPLS = get_args(GroupedMatmulImpl)
+REMAT_POLICIES = get_args(RematPolicy)
+DTYPES = get_args(DType)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -39,10 +55,10 @@ class ModelConfig:
   max_seq_len: int = 4096
 
   # --- attention (MLA: V2 §2.1) ---
-  attention_kind: str = "mla"  # mla | mha | gqa (ablation baselines)
+  attention_kind: AttentionKind = "mla"  # mha, gqa: the ablation baselines
   n_heads: int
-  n_kv_heads: Optional[int] = None  # gqa only; mha uses n_heads, mla shares one latent
-  q_lora_rank: Optional[int] = None  # d_c'; None = no query compression
+  n_kv_heads: int | None = None  # gqa only; mha uses n_heads, mla shares one latent
+  q_lora_rank: int | None = None  # d_c'; None = no query compression
   kv_lora_rank: int  # d_c
   qk_nope_head_dim: int  # d_h
   qk_rope_head_dim: int  # d_h^R
@@ -50,7 +66,7 @@ class ModelConfig:
   decoupled_rope: bool = True  # False: rotary key part is up-projected from c_KV per head
   # auto: Pallas kernels (pallas_kernels/) on TPU and GPU, XLA on CPU; pallas on CPU runs the
   # kernels in interpret mode (slow; for tests). No effect on the function computed.
-  attention_impl: str = "auto"
+  attention_impl: AttentionImpl = "auto"
 
   # --- rotary embedding + YaRN (V2 App. / V3 §4.3) ---
   rope_theta: float = 10000.0
@@ -66,23 +82,23 @@ class ModelConfig:
   n_shared_experts: int = 0
   n_activated_experts: int = 0  # top-k routed experts per token
   moe_ffn_dim: int = 0
-  score_func: str = "sigmoid"
+  score_func: ScoreFunc = "sigmoid"
   norm_topk_prob: bool = True
   routed_scaling_factor: float = 1.0
   n_expert_groups: int = 1  # groups (V3 nodes / V2 devices) for group-limited routing
   n_limited_groups: int = 1  # groups kept per token (V3: 4 of 8, V2: M = 3 of 8)
-  group_score: str = "top2_sum"  # V3: sum of top-2 per group; V2: max per group
+  group_score: GroupScore = "top2_sum"  # V3: sum of top-2 per group; V2: max per group
   router_bias: bool = False  # auxiliary-loss-free balancing bias (V3 §2.1.2)
-  capacity_factor: Optional[float] = None  # None = dropless (V3); V2: 1.0 per device (group)
-  balance_loss_scope: str = "sequence"  # sequence (V3 sequence-wise, V2 seq_aux) | batch
+  capacity_factor: float | None = None  # None = dropless (V3); V2: 1.0 per device (group)
+  balance_loss_scope: BalanceScope = "sequence"  # sequence (V3 sequence-wise, V2 seq_aux) | batch
   expert_balance_coef: float = 0.0  # V3 alpha (1e-4) / V2 alpha_1
   device_balance_coef: float = 0.0  # V2 alpha_2
   comm_balance_coef: float = 0.0  # V2 alpha_3
-  grouped_matmul: str = "auto"
+  grouped_matmul: GroupedMatmulImpl = "auto"
   # expert parallelism (when the mesh's expert axis is > 1; no effect on the function computed
   # unless the receive buffer overflows, which is counted in the "overflow" metric)
-  expert_exchange: str = "auto"  # auto | ragged (ragged_all_to_all) | padded (all_to_all)
-  expert_buffer_factor: Optional[float] = None  # None: worst-case receive buffer, never overflows
+  expert_exchange: ExpertExchange = "auto"  # ragged: ragged_all_to_all; padded: all_to_all
+  expert_buffer_factor: float | None = None  # None: worst-case receive buffer, never overflows
 
   # --- multi-token prediction (V3 §2.2) ---
   n_mtp_modules: int = 0  # D
@@ -92,12 +108,12 @@ class ModelConfig:
   rms_norm_eps: float = 1e-6
   init_std: float = 0.006
   tie_embeddings: bool = False
-  dtype: str = "float32"  # activation / matmul dtype
-  param_dtype: str = "float32"
+  dtype: DType = "float32"  # activation / matmul dtype
+  param_dtype: DType = "float32"
 
   # --- execution (no effect on the function computed) ---
   scan_layers: bool = True  # lax.scan over each stack (compile time independent of depth)
-  remat_policy: str = "none"  # none | full | dots | dots_no_batch (activation checkpointing)
+  remat_policy: RematPolicy = "none"  # activation checkpointing
 
   def __post_init__(self):
     _validate(self)
@@ -139,6 +155,10 @@ class ModelConfig:
     return dataclasses.asdict(self)
 
 
+# Read every annotation now: a field of an unsupported type fails at import, naming the field.
+typed_fields.field_types(ModelConfig)
+
+
 def yarn_get_mscale(factor: float, m: float) -> float:
   """YaRN attention temperature: 0.1 * m * ln(s) + 1 for s > 1 (else 1)."""
   return 1.0 if factor <= 1.0 else 0.1 * m * math.log(factor) + 1.0
@@ -156,23 +176,8 @@ def _require(cond: bool, field: str, message: str) -> None:
     raise ValueError(f"ModelConfig.{field}: {message}")
 
 
-_TYPE_NAMES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
-
-
-def _check_types(c: ModelConfig) -> None:
-  """Each field holds its annotated type (``Optional[...]`` also admits None; no bool as int)."""
-  for f in dataclasses.fields(c):
-    value, ann = getattr(c, f.name), str(f.type)
-    optional = ann.startswith("Optional[")
-    allowed = _TYPE_NAMES.get(ann[len("Optional["):-1] if optional else ann)
-    if allowed is None or (optional and value is None):
-      continue
-    ok = isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
-    _require(ok, f.name, f"must be {ann}, got {value!r} ({type(value).__name__})")
-
-
 def _validate(c: ModelConfig) -> None:
-  _check_types(c)
+  typed_fields.check(c)  # types, None only where optional, and every Literal field's choices
   for f in ("vocab_size", "d_model", "n_layers", "dense_ffn_dim", "n_heads", "kv_lora_rank",
             "qk_nope_head_dim", "v_head_dim", "max_seq_len"):
     _require(getattr(c, f) > 0, f, f"must be a positive integer, got {getattr(c, f)}")
@@ -183,10 +188,6 @@ def _validate(c: ModelConfig) -> None:
   _require(c.qk_rope_head_dim >= 0 and c.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
            f"must be a non-negative even number (RoPE rotates pairs), got {c.qk_rope_head_dim}")
 
-  _require(c.attention_kind in ATTENTION_KINDS, "attention_kind",
-           f"must be one of {ATTENTION_KINDS}, got {c.attention_kind!r}")
-  _require(c.attention_impl in ATTENTION_IMPLS, "attention_impl",
-           f"must be one of {ATTENTION_IMPLS}, got {c.attention_impl!r}")
   if c.attention_kind == "gqa":
     _require(c.n_kv_heads is not None and c.n_kv_heads > 0, "n_kv_heads",
              "must be a positive integer when attention_kind='gqa'")
@@ -225,24 +226,14 @@ def _validate(c: ModelConfig) -> None:
     _require(c.n_limited_groups * per_group >= c.n_activated_experts, "n_limited_groups",
              f"{c.n_limited_groups} kept groups x {per_group} experts cannot supply "
              f"top-{c.n_activated_experts}; raise n_limited_groups")
-    _require(c.score_func in SCORE_FUNCS, "score_func",
-             f"must be one of {SCORE_FUNCS}, got {c.score_func!r}")
-    _require(c.group_score in GROUP_SCORES, "group_score",
-             f"must be one of {GROUP_SCORES}, got {c.group_score!r}")
     if c.group_score == "top2_sum" and c.n_expert_groups > 1:
       _require(per_group >= 2, "group_score",
                "'top2_sum' needs >= 2 experts per group; use 'max' or fewer groups")
     _require(c.routed_scaling_factor > 0, "routed_scaling_factor", "must be positive")
     _require(c.capacity_factor is None or c.capacity_factor > 0, "capacity_factor",
              f"must be positive or None (dropless), got {c.capacity_factor}")
-    _require(c.balance_loss_scope in BALANCE_SCOPES, "balance_loss_scope",
-             f"must be one of {BALANCE_SCOPES}, got {c.balance_loss_scope!r}")
     for f in ("expert_balance_coef", "device_balance_coef", "comm_balance_coef"):
       _require(getattr(c, f) >= 0, f, f"must be >= 0, got {getattr(c, f)}")
-    _require(c.grouped_matmul in GROUPED_MATMUL_IMPLS, "grouped_matmul",
-             f"must be one of {GROUPED_MATMUL_IMPLS}, got {c.grouped_matmul!r}")
-    _require(c.expert_exchange in EXPERT_EXCHANGES, "expert_exchange",
-             f"must be one of {EXPERT_EXCHANGES}, got {c.expert_exchange!r}")
     _require(c.expert_buffer_factor is None or c.expert_buffer_factor > 0,
              "expert_buffer_factor", "must be positive (1.0 = a perfectly balanced load) or "
              f"None (worst case, never overflows), got {c.expert_buffer_factor}")
@@ -251,10 +242,6 @@ def _validate(c: ModelConfig) -> None:
   _require(c.mtp_loss_weight >= 0, "mtp_loss_weight", "must be >= 0")
   _require(c.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
   _require(c.init_std > 0, "init_std", "must be positive")
-  for f in ("dtype", "param_dtype"):
-    _require(getattr(c, f) in DTYPES, f, f"must be one of {DTYPES}, got {getattr(c, f)!r}")
-  _require(c.remat_policy in REMAT_POLICIES, "remat_policy",
-           f"must be one of {REMAT_POLICIES}, got {c.remat_policy!r}")
 
 
 _V3_ROUTER = dict(score_func="sigmoid", norm_topk_prob=True, group_score="top2_sum",

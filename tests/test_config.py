@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 
+from deepseek_jax import config, typed_fields
 from deepseek_jax.config import PRESETS, ModelConfig
 
 
@@ -70,3 +71,37 @@ def test_unknown_field_and_unknown_preset_are_rejected():
 def test_v3_softmax_scale_includes_yarn_mscale():
   # (128 + 64)^-1/2 * (0.1 ln 40 + 1)^2 (REFERENCE §2)
   assert ModelConfig.preset("deepseek-v3").softmax_scale == pytest.approx(0.135234, abs=1e-6)
+
+
+def test_choice_fields_are_literals_checked_with_their_choices_listed():
+  kinds = typed_fields.field_types(ModelConfig)
+  for field, choices in [("attention_kind", config.ATTENTION_KINDS),
+                         ("attention_impl", config.ATTENTION_IMPLS),
+                         ("score_func", config.SCORE_FUNCS), ("group_score", config.GROUP_SCORES),
+                         ("balance_loss_scope", config.BALANCE_SCOPES),
+                         ("expert_exchange", config.EXPERT_EXCHANGES),
+                         ("grouped_matmul", config.GROUPED_MATMUL_IMPLS),
+                         ("remat_policy", config.REMAT_POLICIES), ("dtype", config.DTYPES),
+                         ("param_dtype", config.DTYPES)]:
+    assert kinds[field].choices == choices, field  # the tuples other code imports
+    with pytest.raises(ValueError) as error:
+      ModelConfig.preset("tiny", **{field: "nope"})
+    assert str(error.value) == f"ModelConfig.{field}: must be one of {choices}, got 'nope'"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(q_lora_rank=32.0), "ModelConfig.q_lora_rank: must be int or None, got 32.0 (float)"),
+    (dict(capacity_factor="1"),
+     "ModelConfig.capacity_factor: must be float or None, got '1' (str)"),
+    (dict(d_model=None), "ModelConfig.d_model: must be int, got None (NoneType)"),
+])
+def test_optional_fields_take_none_or_their_type_and_others_refuse_none(overrides, message):
+  with pytest.raises(ValueError) as error:
+    ModelConfig.preset("tiny", **overrides)
+  assert str(error.value) == message
+  assert ModelConfig.preset("tiny", q_lora_rank=None, capacity_factor=2).capacity_factor == 2
+
+
+def test_a_moe_choice_is_checked_even_in_a_dense_model():
+  with pytest.raises(ValueError, match=r"ModelConfig\.score_func: must be one of"):
+    ModelConfig.preset("tiny", n_dense_layers=3, score_func="relu")

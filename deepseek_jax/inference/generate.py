@@ -10,6 +10,13 @@ slots (its padding) are overwritten before any query of that row can reach them.
 is traced once, so decoding never retraces per token; the loop stops early once every row has
 emitted a stop token.
 
+Padding is never counted as text. The request must fit ``ModelConfig.max_seq_len`` in real
+tokens (longest prompt + max_new_tokens); the bucket only shapes the program, and is cut at
+max_seq_len. The cache holds the padded prefill and every real slot, in whole 64-slot pages:
+padding slots past a row's length hold garbage that its queries never read (a query at position
+p reads slots <= p, all written by that row's real tokens), and RoPE angles are computed from
+positions, not looked up in a max_seq_len table.
+
 MLA models decode with the absorbed path over a ``LatentCache`` by default
 (``cache_kind="latent"``); ``cache_kind="expanded"`` keeps per-head K/V instead (MHA/GQA, or
 the expanded-cache baseline of the benchmark).
@@ -71,9 +78,14 @@ class GenerateOutput(NamedTuple):
   lengths: jax.Array  # [B] number of generated tokens per row
 
 
-def _pad_prompts(prompts, pad_id: int, bucket: int):
+def _prompt_arrays(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Prompts as (tokens [B, L] int32, lengths [B]), L = the longest real prompt: a given
+  array's extra padding columns are dropped, so only real tokens decide the bucket."""
   if isinstance(prompts, tuple) and len(prompts) == 2 and hasattr(prompts[0], "shape"):
     tokens, lengths = (np.asarray(a) for a in prompts)
+    if tokens.ndim != 2 or lengths.shape != tokens.shape[:1]:
+      raise ValueError(f"prompt arrays must be tokens [B, P] and lengths [B], got shapes "
+                       f"{tokens.shape} and {lengths.shape}")
   else:
     prompts = [list(p) for p in prompts]
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -84,9 +96,29 @@ def _pad_prompts(prompts, pad_id: int, bucket: int):
       tokens[row, :len(p)] = p
   if lengths.min() < 1 or lengths.max() > tokens.shape[1]:
     raise ValueError(f"prompt lengths must lie in [1, {tokens.shape[1]}], got {lengths.tolist()}")
-  padded = -(-tokens.shape[1] // bucket) * bucket
-  tokens = np.pad(tokens, ((0, 0), (0, padded - tokens.shape[1])), constant_values=pad_id)
-  return jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32)
+  return tokens[:, :int(lengths.max())].astype(np.int32), lengths.astype(np.int32)
+
+
+def _pad_to_bucket(tokens: np.ndarray, pad_id: int, bucket: int, max_len: int) -> np.ndarray:
+  """Right-pad tokens [B, L] with pad_id to [B, P]: P = L rounded up to a multiple of
+  ``bucket``, but at most ``max_len`` (>= L), so no padding lies past max_seq_len."""
+  if bucket < 1:
+    raise ValueError(f"prompt_bucket must be >= 1, got {bucket}")
+  length = tokens.shape[1]
+  padded = max(length, min(-(-length // bucket) * bucket, max_len))
+  return np.pad(tokens, ((0, 0), (0, padded - length)), constant_values=pad_id)
+
+
+def cache_slots(prompt_len: int, max_new_tokens: int, max_seq_len: int) -> int:
+  """Cache slots for a prefill of ``prompt_len`` (padded) tokens and ``max_new_tokens`` steps.
+
+  The prefill writes slots [0, prompt_len); real tokens reach slot length + max_new_tokens - 2
+  < min(prompt_len + max_new_tokens - 1, max_seq_len) (the last sampled token is never fed
+  back), given length <= prompt_len <= max_seq_len. Rounded up to whole 64-slot pages, so the
+  Pallas decode kernel reads the cache in place.
+  """
+  needed = max(prompt_len, min(prompt_len + max_new_tokens - 1, max_seq_len))
+  return -(-needed // PAGE_SIZE) * PAGE_SIZE
 
 
 def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
@@ -95,25 +127,33 @@ def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingConfig = 
              prompt_bucket: int = 64) -> GenerateOutput:
   """Generate up to ``max_new_tokens`` per prompt.
 
-  prompts: a list of token-id lists (any lengths), or (tokens [B, P], lengths [B]) arrays.
+  prompts: a list of token-id lists (any lengths), or (tokens [B, P], lengths [B]) arrays
+  (columns past each row's length are padding and are ignored). prompt_bucket: prompts are
+  right-padded to a multiple of it (capped at max_seq_len), so similar lengths share one
+  compiled program. Returns GenerateOutput(tokens [B, max_new_tokens] int32, lengths [B]).
+
+  Raises ValueError if max_new_tokens < 1, a prompt is empty, or the longest real prompt +
+  max_new_tokens exceeds ModelConfig.max_seq_len (padding does not count).
   """
   cfg = model.config
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  tokens, lengths = _pad_prompts(prompts, pad_id, prompt_bucket)
-  total = tokens.shape[1] + max_new_tokens
-  if total > cfg.max_seq_len:
-    raise ValueError(f"padded prompt ({tokens.shape[1]}) + max_new_tokens ({max_new_tokens}) = "
-                     f"{total} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
+  tokens, lengths = _prompt_arrays(prompts, pad_id)
+  longest = tokens.shape[1]
+  if longest + max_new_tokens > cfg.max_seq_len:
+    raise ValueError(f"longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "
+                     f"{longest + max_new_tokens} exceeds ModelConfig.max_seq_len="
+                     f"{cfg.max_seq_len}; shorten the prompt or lower max_new_tokens")
+  tokens = _pad_to_bucket(tokens, pad_id, prompt_bucket, cfg.max_seq_len)
   latent_ok = cfg.attention_kind == "mla"
   cache_kind = cache_kind or ("latent" if latent_ok else "expanded")
   if absorb is None:
     absorb = cache_kind == "latent" and cfg.decoupled_rope
   rng = jax.random.key(0) if rng is None else rng
   graphdef, state = nnx.split(model)
-  return _generate(graphdef, state, tokens, lengths, rng, jnp.asarray(stop_tokens, jnp.int32),
-                   max_new_tokens=max_new_tokens, sampling=sampling, cache_kind=cache_kind,
-                   absorb=absorb, pad_id=pad_id)
+  return _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), rng,
+                   jnp.asarray(stop_tokens, jnp.int32), max_new_tokens=max_new_tokens,
+                   sampling=sampling, cache_kind=cache_kind, absorb=absorb, pad_id=pad_id)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling",
@@ -122,11 +162,13 @@ def _generate(graphdef, state, tokens, lengths, rng, stop_tokens, *, max_new_tok
               cache_kind, absorb, pad_id):
   model = nnx.merge(graphdef, state)
   batch, prompt_len = tokens.shape
-  # whole 64-slot pages, so the Pallas decode kernel reads the cache in place
-  slots = -(-(prompt_len + max_new_tokens) // PAGE_SIZE) * PAGE_SIZE
+  slots = cache_slots(prompt_len, max_new_tokens, model.config.max_seq_len)
   cache = init_cache(model.config, batch, slots, cache_kind)
   prefill = model(tokens, cache=cache, cache_index=jnp.zeros(batch, jnp.int32), absorb=absorb)
-  last_logits = prefill.logits[jnp.arange(batch), lengths - 1]
+  # the head on each row's last real position only: prefill.logits [B, P, V] goes unused, so
+  # XLA drops it instead of projecting every padding position onto the vocabulary
+  last_hidden = prefill.hidden[jnp.arange(batch), lengths - 1]
+  last_logits = model.head(last_hidden[:, None])[:, 0]
   rng, key = jax.random.split(rng)
   first = sample_logits(last_logits, key, sampling)
   out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)

@@ -9,26 +9,32 @@ the fix.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import ml_collections
 
+from deepseek_jax import typed_fields
 from deepseek_jax.config import ModelConfig
 
-_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+def typed_placeholders(cls: type, exclude: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+  """Every field of dataclass ``cls`` (but ``exclude``) as a typed placeholder: None keeps the
+  dataclass's own value, and ``--config.<path>.FIELD=value`` parses as the field's type.
+
+  The types come from ``typed_fields.field_types(cls)``: ``X | None`` parses as X, a
+  ``Literal[...]`` as its literals' type (its choices are checked when ``cls`` is built, with a
+  message listing them), ``tuple[X, ...]`` as a tuple (``--f=1,2``, ``--f='(1, 2)'`` or
+  ``--f=1 --f=2``). Raises TypeError naming the field for an unsupported annotation.
+  """
+  return ml_collections.ConfigDict({
+      name: ml_collections.config_dict.placeholder(kind.flag_type)
+      for name, kind in typed_fields.field_types(cls).items() if name not in exclude})
 
 
 def model_overrides() -> ml_collections.ConfigDict:
-  """Every ModelConfig field as a typed placeholder: None keeps the preset's value, so
-  ``--config.model.overrides.d_model=512`` parses as an int and a misspelt field fails."""
-  fields = {}
-  for f in dataclasses.fields(ModelConfig):
-    if f.name == "name":
-      continue
-    type_name = str(f.type).replace("Optional[", "").rstrip("]")
-    fields[f.name] = ml_collections.config_dict.placeholder(_TYPES[type_name])
-  return ml_collections.ConfigDict(fields)
+  """Every ModelConfig field but ``name`` as a typed placeholder: None keeps the preset's value,
+  so ``--config.model.overrides.d_model=512`` parses as an int and a misspelt field fails."""
+  return typed_placeholders(ModelConfig, exclude=("name",))
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -6,8 +6,10 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from deepseek_jax import typed_fields
+from deepseek_jax.config import ModelConfig
 from deepseek_jax.train import trainer
-from deepseek_jax.train.config import default_config
+from deepseek_jax.train.config import default_config, model_config
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "configs")
 
@@ -92,3 +94,68 @@ def test_a_misspelt_override_is_one_error_line_and_exit_1(tmp_path):
   assert len(errors) == 1 and 'Did you mean "steps"' in errors[0], out.stderr[-2000:]
   assert "Traceback" not in out.stderr
   assert not (tmp_path / "run").exists()  # nothing written
+
+
+def _parse_file(tmp_path, *args):
+  """Parse a temporary config file (``default_config()``) the way experiments/train.py does."""
+  path = tmp_path / "default.py"
+  path.write_text("from deepseek_jax.train.config import default_config\n\n\n"
+                  "def get_config():\n  return default_config()\n")
+  argv = ["train.py", f"--config={path}", *args]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def test_default_config_types_every_model_field_from_its_annotation():
+  overrides = default_config().model.overrides
+  kinds = typed_fields.field_types(ModelConfig)
+  assert sorted(overrides) == sorted(set(kinds) - {"name"})
+  for field in overrides:
+    assert overrides.get_type(field) is kinds[field].flag_type, field
+    assert overrides[field] is None, field  # None keeps the preset's value
+
+
+# Optional fields that are None in the tiny preset, and values of their type.
+_SAMPLES = dict(n_kv_heads=2, capacity_factor=1.25, expert_buffer_factor=2.0)
+
+
+def test_every_model_field_is_overridable_from_the_command_line_with_its_type(tmp_path):
+  tiny = ModelConfig.preset("tiny")
+  values = {f: getattr(tiny, f) for f in typed_fields.field_types(ModelConfig) if f != "name"}
+  values.update(_SAMPLES)
+  c = _parse_file(tmp_path, "--config.model.preset=tiny",
+                  *(f"--config.model.overrides.{f}={v}" for f, v in values.items()))
+  for field, value in values.items():
+    parsed = c.model.overrides[field]
+    assert parsed == value and type(parsed) is type(value), (field, parsed)
+  for field in _SAMPLES:  # a valid tiny config again: the samples go back to None
+    c.model.overrides[field] = None
+  assert model_config(c) == tiny
+
+
+def test_command_line_choice_and_optional_overrides_reach_the_model_config(tmp_path):
+  c = _parse_file(tmp_path, "--config.model.preset=tiny",
+                  "--config.model.overrides.attention_kind=gqa",
+                  "--config.model.overrides.n_kv_heads=2",
+                  "--config.model.overrides.q_lora_rank=16",
+                  "--config.model.overrides.dtype=bfloat16")
+  cfg = model_config(c)
+  assert (cfg.attention_kind, cfg.n_kv_heads, cfg.q_lora_rank, cfg.dtype) == ("gqa", 2, 16,
+                                                                               "bfloat16")
+  c = _parse_file(tmp_path, "--config.model.overrides.attention_kind=linear")
+  with pytest.raises(ValueError) as error:
+    model_config(c)
+  assert str(error.value) == ("ModelConfig.attention_kind: must be one of ('mla', 'mha', 'gqa'), "
+                              "got 'linear'")
+  with pytest.raises(flags.IllegalFlagValueError, match="sixteen"):
+    _parse_file(tmp_path, "--config.model.overrides.q_lora_rank=sixteen")
+
+
+def test_tuple_overrides_parse_through_absl_flags(tmp_path):
+  c = _parse_file(tmp_path, "--config.train.mtp_weight=((0, 0.3), (100, 0.1))",
+                  "--config.sample.prompts=a", "--config.sample.prompts=b")
+  assert c.train.mtp_weight == ((0, 0.3), (100, 0.1))
+  assert c.sample.prompts == ("a", "b")
