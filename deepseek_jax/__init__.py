@@ -12,16 +12,17 @@ from deepseek_jax import analytics
 from deepseek_jax.config import PRESETS, ModelConfig, list_presets
 from deepseek_jax.inference.generate import GenerateOutput, SamplingConfig, generate
 from deepseek_jax.interop.hf_checkpoint import load_hf_checkpoint, save_hf_checkpoint
+from deepseek_jax.model.execution import Execution, resolve_execution, set_execution
 from deepseek_jax.model.transformer import (DeepSeekModel, ModelOutput, abstract_model,
                                             create_model, forward, init_cache,
                                             router_bias_update)
-from deepseek_jax.train.loss import loss_fn
+from deepseek_jax.train.loss import PretrainLoss, loss_fn
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DeepSeekModel", "GenerateOutput", "ModelConfig", "ModelOutput", "PRESETS",
-    "SamplingConfig", "abstract_model", "analytics", "create_model", "forward", "generate",
-    "init_cache", "list_presets", "load_hf_checkpoint", "loss_fn", "router_bias_update",
-    "save_hf_checkpoint",
+    "DeepSeekModel", "Execution", "GenerateOutput", "ModelConfig", "ModelOutput", "PRESETS",
+    "PretrainLoss", "SamplingConfig", "abstract_model", "analytics", "create_model", "forward",
+    "generate", "init_cache", "list_presets", "load_hf_checkpoint", "loss_fn",
+    "resolve_execution", "router_bias_update", "save_hf_checkpoint", "set_execution",
 ]

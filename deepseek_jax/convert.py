@@ -84,10 +84,10 @@ def convert(from_hf=None, from_orbax=None, to_hf=None, to_orbax=None, *, step=No
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  from deepseek_jax.train import trainer
+  from deepseek_jax.cli import run_cli
   v = flags.FLAGS
   load_mtp = {"auto": None, "true": True, "false": False}[v.load_mtp]
-  summary = trainer.run_cli(lambda: convert(
+  summary = run_cli(lambda: convert(
       v.from_hf, v.from_orbax, v.to_hf, v.to_orbax, step=v.step, dtype=v.dtype,
       expert_layout=v.expert_layout, max_shard_mb=v.max_shard_mb, load_mtp=load_mtp,
       mesh=_mesh(v.mesh)))

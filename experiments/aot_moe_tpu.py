@@ -35,18 +35,15 @@ _DUMP = flags.DEFINE_string("dump_hlo", None, "write the compiled HLO text here"
 
 
 def _moe(cfg, rngs):
-  from deepseek_jax.model.moe import MoE, RoutingSpec
-  routing = RoutingSpec(
-      top_k=cfg.n_activated_experts, score_func=cfg.score_func, n_groups=cfg.n_expert_groups,
-      n_limited_groups=cfg.n_limited_groups, group_score=cfg.group_score,
-      norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor)
-  return MoE(cfg.d_model, cfg.n_routed_experts, cfg.n_shared_experts, cfg.moe_ffn_dim,
-             routing=routing, router_bias=cfg.router_bias, capacity_factor=cfg.capacity_factor,
-             balance_scope=cfg.balance_loss_scope, expert_balance_coef=cfg.expert_balance_coef,
-             device_balance_coef=cfg.device_balance_coef,
-             comm_balance_coef=cfg.comm_balance_coef, grouped_matmul_impl=_GMM.value,
-             expert_exchange=_EXCHANGE.value, init_std=cfg.init_std, dtype="bfloat16",
-             param_dtype=cfg.param_dtype, rngs=rngs)
+  import dataclasses
+  from deepseek_jax.model.moe import MoE
+  from deepseek_jax.model.execution import resolve_execution
+  from deepseek_jax.model.transformer import moe_specs
+  experts, routing, balance, dispatch = moe_specs(cfg, resolve_execution(cfg))
+  dispatch = dataclasses.replace(dispatch, mode="expert_parallel", grouped_matmul=_GMM.value,
+                                 exchange=_EXCHANGE.value)
+  return MoE(cfg.d_model, experts, routing=routing, balance=balance, dispatch=dispatch,
+             init_std=cfg.init_std, dtype="bfloat16", param_dtype=cfg.param_dtype, rngs=rngs)
 
 
 def main(argv):

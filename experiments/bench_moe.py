@@ -27,6 +27,8 @@ share the host's cores, so ep on CPU measures overhead, not speed-up.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import time
 
@@ -58,7 +60,7 @@ def _set_xla_flags() -> None:
   current = os.environ.get("XLA_FLAGS", "")
   if _CPU_DEVICES.value > 0 and flag not in current:
     os.environ["XLA_FLAGS"] = f"{current} {flag}={_CPU_DEVICES.value}".strip()
-  from deepseek_jax.train.trainer import set_cpu_xla_flags
+  from deepseek_jax.cli import set_cpu_xla_flags
   set_cpu_xla_flags()
 
 
@@ -84,6 +86,7 @@ def main(argv):
   from jax.sharding import NamedSharding, PartitionSpec
 
   from deepseek_jax.model import moe
+  from deepseek_jax.ops.matmul import weight_matmul
   from deepseek_jax.parallel import expert_parallel
   from deepseek_jax.parallel.mesh import BATCH_AXES, make_mesh
   from deepseek_jax.train.metrics import host_cpu_name, median_seconds
@@ -94,24 +97,28 @@ def main(argv):
   tokens = b * t
   spec = moe.RoutingSpec(top_k=k, score_func="sigmoid", n_groups=g, n_limited_groups=m_groups,
                          group_score="top2_sum", norm_topk_prob=True, routed_scaling_factor=2.5)
-  layer = moe.MoE(d, e, n_shared, f, routing=spec, router_bias=True, capacity_factor=None,
-                  balance_scope="sequence", expert_balance_coef=1e-4, device_balance_coef=0.0,
-                  comm_balance_coef=0.0, grouped_matmul_impl="auto", init_std=0.02, dtype=dtype,
-                  param_dtype="float32", rngs=nnx.Rngs(0), expert_exchange="auto")
+  layer = moe.MoE(d, moe.ExpertSpec(e, n_shared, f), routing=spec,
+                  balance=moe.BalanceSpec(router_bias=True, expert_coef=1e-4),
+                  init_std=0.02, dtype=dtype, param_dtype="float32", rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
   kx, kw = jax.random.split(jax.random.key(1))
   x = jax.random.normal(kx, (b, t, d), jnp.float32).astype(dtype)
   weight = jax.random.normal(kw, (b, t, d), jnp.float32)
   mask = jnp.ones((b, t), jnp.float32)
 
-  def layer_loss(params, x):
+  def layer_loss(params, x, graphdef=graphdef):
     y, stats = nnx.merge(graphdef, params, rest)(x, mask)
     return (y.astype(jnp.float32) * weight).sum(), (y, stats)
+
+  # The same layer with expert-parallel dispatch (chosen explicitly, not from the mesh).
+  ep_layer = nnx.clone(layer)
+  ep_layer.dispatch = dataclasses.replace(ep_layer.dispatch, mode="expert_parallel")
+  ep_loss = functools.partial(layer_loss, graphdef=nnx.split(ep_layer, nnx.Param, ...)[0])
 
   def dense_loss(params, x):
     lay = nnx.merge(graphdef, params, rest)
     tok = x.reshape(tokens, d).astype(dtype)
-    logits = jnp.einsum("TD,DE->TE", tok.astype(jnp.float32), lay.gate[...].astype(jnp.float32))
+    logits = weight_matmul("TD,DE->TE", tok, lay.gate, dtype=jnp.float32)
     routing = moe.route(logits, lay.router_bias[...], spec)
     w = [getattr(lay, n)[...].astype(dtype) for n in ("w_gate", "w_up", "w_down")]
     y = moe.moe_dense_oracle(tok, routing, *w)
@@ -126,8 +133,8 @@ def main(argv):
   flops = useful_flops(tokens, d, e, k, f, n_shared)
   results, ep_info = {}, None
   for path in (p for p in PATHS if p in _PATHS.value):
-    fn = jax.jit(jax.value_and_grad(dense_loss if path == "dense" else layer_loss, (0, 1),
-                                    has_aux=True))
+    loss = {"dense": dense_loss, "ep": ep_loss}.get(path, layer_loss)
+    fn = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))
     if path == "ep":
       if n_dev % _EP.value or e % _EP.value or b % n_dev:
         raise app.UsageError(f"ep: --ep={_EP.value} must divide the {n_dev} devices and "

@@ -51,7 +51,7 @@ def _tokens(vocab: int):
 
 
 def run_jax() -> dict:
-  from deepseek_jax.train.trainer import set_cpu_xla_flags
+  from deepseek_jax.cli import set_cpu_xla_flags
   set_cpu_xla_flags()  # the same XLA flags as experiments/train.py
   import jax
   import jax.numpy as jnp

@@ -10,6 +10,7 @@ Pass the same --config (and overrides) the run was trained with; a different mod
 from absl import app, flags
 from ml_collections import config_flags
 
+from deepseek_jax import cli
 from deepseek_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config", lock_config=True)
@@ -21,9 +22,9 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
   del argv
-  trainer.run_cli(trainer.evaluate, _CONFIG.value, _WORKDIR.value, step=_STEP.value,
+  cli.run_cli(trainer.evaluate, _CONFIG.value, _WORKDIR.value, step=_STEP.value,
                   max_batches=_BATCHES.value)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=trainer.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

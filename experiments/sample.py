@@ -8,6 +8,7 @@ r"""Generate from a checkpoint (the latest in --workdir by default).
 from absl import app, flags
 from ml_collections import config_flags
 
+from deepseek_jax import cli
 from deepseek_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config", lock_config=True)
@@ -22,8 +23,8 @@ def main(argv):
   # "\n" and "\t" typed on a command line become a newline and a tab.
   prompts = ([p.replace("\\n", "\n").replace("\\t", "\t") for p in _PROMPTS.value]
              if _PROMPTS.value else None)
-  trainer.run_cli(trainer.sample, _CONFIG.value, _WORKDIR.value, prompts=prompts, step=_STEP.value)
+  cli.run_cli(trainer.sample, _CONFIG.value, _WORKDIR.value, prompts=prompts, step=_STEP.value)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=trainer.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

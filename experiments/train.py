@@ -12,6 +12,7 @@ checkpoint (SIGTERM saves one first).
 from absl import app, flags
 from ml_collections import config_flags
 
+from deepseek_jax import cli
 from deepseek_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:variant]",
@@ -23,8 +24,8 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  trainer.run_cli(trainer.train, _CONFIG.value, _WORKDIR.value)
+  cli.run_cli(trainer.train, _CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=trainer.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

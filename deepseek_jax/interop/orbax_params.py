@@ -20,7 +20,36 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.transformer import DeepSeekModel, abstract_model
 from deepseek_jax.interop import require_new_directory
 from deepseek_jax.parallel.partitioning import placement
-from deepseek_jax.train.checkpoint import from_nested, to_nested
+
+def _key(entry) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def to_nested(tree) -> dict:
+  """Any pytree -> nested dicts of its arrays, keyed by path (orbax-friendly)."""
+  nested: dict = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    node = nested
+    for entry in path[:-1]:
+      node = node.setdefault(_key(entry), {})
+    node[_key(path[-1])] = leaf
+  return nested
+
+
+def from_nested(nested: dict, like):
+  """Inverse of to_nested: rebuild a pytree shaped like ``like``."""
+  paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+  leaves = []
+  for path, _ in paths:
+    node = nested
+    for entry in path:
+      node = node[_key(entry)]
+    leaves.append(node)
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
 
 _SPLIT = (nnx.Param, ...)  # params, then everything else (router biases)
 

@@ -1,2 +1,2 @@
 """Model code, one file per idea: rope, attention (MHA/GQA baselines), mla, moe,
-grouped_matmul, mtp, transformer (the decoder that assembles them)."""
+mtp, transformer (the decoder that assembles them), execution (kernel and dispatch choices)."""

@@ -11,14 +11,16 @@ length are never read. Caches are stacked over layers and a layer sees them thro
 ``CacheView``, which scatters only the new tokens into the stacked arrays: inside the decode
 loop that is an in-place update, never a copy of the cache. Softmax is always in float32.
 
-Kernels: ``attention_impl`` ("auto" | "xla" | "pallas") picks XLA einsums or the Pallas flash
-attention kernel (pallas_kernels/flash_attention) for attention without a cache (training,
-packed prefill); "auto" means the kernel on TPU and GPU. Under a mesh the kernel runs per shard
-(``jax.shard_map``): batch over the batch axes, heads over "tensor".
+Kernels: a layer's ``attention_impl`` ("xla" | "pallas", resolved once from the config's
+"auto" by ``model.execution``) picks XLA einsums or the Pallas flash attention kernel
+(pallas_kernels/flash_attention) for attention without a cache (training, packed prefill).
+Under a mesh the kernel runs per shard (``parallel.partitioning.per_shard``): batch over the
+batch axes, heads over "tensor".
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -27,9 +29,47 @@ from flax import nnx
 
 from deepseek_jax.model.layers import RMSNorm, normal_param
 from deepseek_jax.model.rope import RotaryEmbedding
-from deepseek_jax.parallel.mesh import BATCH_AXES, target_platform
-from deepseek_jax.parallel.partitioning import logical_to_spec
+from deepseek_jax.ops.matmul import weight_matmul
+from deepseek_jax.parallel.partitioning import per_shard
 from pallas_kernels.flash_attention.ops import flash_attention
+
+KERNEL_CHOICES = ("xla", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+  """The shape of one attention layer, in DeepSeek-V2 §2.1's symbols.
+
+  d_model D; n_heads n_h; qk_nope_head_dim d_h; qk_rope_head_dim d_h^R; v_head_dim d_v;
+  q_lora_rank d_c' (None: no query compression); kv_lora_rank d_c (MLA's latent width; unused
+  by MHA/GQA); n_kv_heads (the MHA/GQA baselines' key/value heads, n_heads for MHA);
+  decoupled_rope (MLA: one shared rotary key k_R, else the rotary key part is up-projected per
+  head); softmax_scale = (d_h + d_h^R)^-1/2, times mscale^2 under YaRN.
+  """
+
+  d_model: int
+  n_heads: int
+  qk_nope_head_dim: int
+  qk_rope_head_dim: int
+  v_head_dim: int
+  softmax_scale: float
+  q_lora_rank: Optional[int] = None
+  kv_lora_rank: int = 0
+  n_kv_heads: Optional[int] = None
+  decoupled_rope: bool = True
+
+  @property
+  def qk_head_dim(self) -> int:
+    return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+def check_kernel_choice(name: str, value: str) -> str:
+  """A layer's resolved kernel choice; raises ValueError for anything but "xla" / "pallas"
+  (the config's "auto" is resolved by ``model.execution.resolve_execution``)."""
+  if value not in KERNEL_CHOICES:
+    raise ValueError(f"{name} must be one of {KERNEL_CHOICES} (resolved), got {value!r}; "
+                     "resolve ModelConfig.attention_impl with model.execution.resolve_execution")
+  return value
 
 
 class KVCache(NamedTuple):
@@ -110,46 +150,13 @@ def self_attention_mask(positions, segment_ids, cache_len: Optional[int]) -> jax
   return attention_mask(positions, slots)
 
 
-def uses_kernels(attention_impl: str, sharded: bool = True) -> bool:
-  """Whether ``attention_impl`` means Pallas kernels for the platform being compiled for.
-
-  ``sharded=False``: only without a multi-device context mesh (the decode kernel has no
-  per-shard wrapper yet, and XLA cannot partition a Pallas call).
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if not sharded and not mesh.empty and mesh.size > 1:
-    return False
-  if attention_impl == "auto":
-    return target_platform() in ("tpu", "gpu")
-  return attention_impl == "pallas"
-
-
-# How activations around a Pallas call are split (a kernel runs per shard, on whole heads).
-_KERNEL_RULES = {"batch": BATCH_AXES, "heads": "tensor"}
-
-
-def per_shard(fn, logical_axes, *args):
-  """``fn(*args)`` per shard of the context mesh: XLA cannot partition a Pallas call.
-
-  ``logical_axes[i]`` names arg i's dims ("batch", "heads" or None); they split as the
-  partitioning rules split them (batch over the batch axes, heads over "tensor", a dim its mesh
-  axes do not divide stays whole). The output is laid out like ``args[0]``. Without a
-  multi-device mesh this is ``fn(*args)``.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return fn(*args)
-  specs = tuple(logical_to_spec(axes, _KERNEL_RULES, mesh, arg.shape)
-                for axes, arg in zip(logical_axes, args))
-  return jax.shard_map(fn, in_specs=specs, out_specs=specs[0], check_vma=False)(*args)
-
-
 def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           segment_ids: Optional[jax.Array], scale: float,
                           attention_impl: str) -> jax.Array:
   """Attention among the current tokens only (no cache): causal by token index and, for packed
-  rows, within segments. q [B,T,N,H], k [B,T,K,H], v [B,T,K,V] -> [B,T,N,V]."""
-  if not uses_kernels(attention_impl):
+  rows, within segments. q [B,T,N,H], k [B,T,K,H], v [B,T,K,V] -> [B,T,N,V].
+  ``attention_impl``: "xla" (einsums) or "pallas" (the flash kernel, per shard under a mesh)."""
+  if attention_impl != "pallas":
     index = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
     return attend(q, k, v, attention_mask(index, index, segment_ids, segment_ids), scale)
   if k.shape[2] != q.shape[2]:  # GQA: the kernel takes one key/value head per query head
@@ -167,6 +174,7 @@ class QueryProjection(nnx.Module):
 
   def __init__(self, d_model: int, n_heads: int, head_dim: int, q_lora_rank: Optional[int], *,
                eps: float, init_std: float, dtype: str, param_dtype: str, rngs: nnx.Rngs):
+    """Weights W_DQ [D, Q] + q_norm + W_UQ [Q, N, H] with compression, else W_Q [D, N, H]."""
     kw = dict(std=init_std, param_dtype=param_dtype)
     if q_lora_rank:
       self.wq_a = normal_param(rngs, (d_model, q_lora_rank), ("embed", "q_lora"), **kw)
@@ -181,11 +189,11 @@ class QueryProjection(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(self.dtype)
+    """x [B, T, D] -> q [B, T, N, H]."""
     if self.wq is not None:
-      return jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(self.dtype))
-    c_q = self.q_norm(jnp.einsum("BTD,DQ->BTQ", x, self.wq_a[...].astype(self.dtype)))
-    return jnp.einsum("BTQ,QNH->BTNH", c_q, self.wq_b[...].astype(self.dtype))
+      return weight_matmul("BTD,DNH->BTNH", x, self.wq, dtype=self.dtype)
+    c_q = self.q_norm(weight_matmul("BTD,DQ->BTQ", x, self.wq_a, dtype=self.dtype))
+    return weight_matmul("BTQ,QNH->BTNH", c_q, self.wq_b, dtype=self.dtype)
 
 
 class GroupedQueryAttention(nnx.Module):
@@ -195,23 +203,22 @@ class GroupedQueryAttention(nnx.Module):
   how keys and values are produced and cached: K * (d_h + d_R + d_v) values per token per layer.
   """
 
-  def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, q_lora_rank: Optional[int],
-               qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, *,
-               rotary: RotaryEmbedding, softmax_scale: float, attention_impl: str = "auto",
-               eps: float, init_std: float, dtype: str, param_dtype: str, rngs: nnx.Rngs):
-    qk = qk_nope_head_dim + qk_rope_head_dim
+  def __init__(self, spec: AttentionSpec, *, rotary: RotaryEmbedding, eps: float,
+               init_std: float, dtype: str, param_dtype: str, rngs: nnx.Rngs,
+               attention_impl: str = "xla"):
+    """``spec.n_kv_heads`` key/value heads (n_heads for MHA). ``attention_impl``: "xla" or
+    "pallas" (resolved). Raises ValueError for an unresolved kernel choice."""
     kw = dict(std=init_std, param_dtype=param_dtype)
-    self.query = QueryProjection(d_model, n_heads, qk, q_lora_rank, eps=eps, init_std=init_std,
-                                 dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.wk = normal_param(rngs, (d_model, n_kv_heads, qk), ("embed", "kv_heads", "head_dim"), **kw)
-    self.wv = normal_param(rngs, (d_model, n_kv_heads, v_head_dim),
-                           ("embed", "kv_heads", "head_dim"), **kw)
-    self.wo = normal_param(rngs, (n_heads, v_head_dim, d_model), ("heads", "head_dim", "embed"),
-                           **kw)
+    n, kv, qk, v = spec.n_heads, spec.n_kv_heads or spec.n_heads, spec.qk_head_dim, spec.v_head_dim
+    self.query = QueryProjection(spec.d_model, n, qk, spec.q_lora_rank, eps=eps,
+                                 init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.wk = normal_param(rngs, (spec.d_model, kv, qk), ("embed", "kv_heads", "head_dim"), **kw)
+    self.wv = normal_param(rngs, (spec.d_model, kv, v), ("embed", "kv_heads", "head_dim"), **kw)
+    self.wo = normal_param(rngs, (n, v, spec.d_model), ("heads", "head_dim", "embed"), **kw)
     self.rotary = rotary
-    self.nope_dim = qk_nope_head_dim
-    self.scale = softmax_scale
-    self.attention_impl = attention_impl
+    self.nope_dim = spec.qk_nope_head_dim
+    self.scale = spec.softmax_scale
+    self.attention_impl = check_kernel_choice("attention_impl", attention_impl)
     self.dtype = dtype
 
   def _rope_tail(self, x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -226,12 +233,12 @@ class GroupedQueryAttention(nnx.Module):
       raise ValueError(f"MHA/GQA cache must be a KVCache, got {type(cache.stacked).__name__}")
     x = x.astype(self.dtype)
     q = self._rope_tail(self.query(x), positions)
-    k = self._rope_tail(jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(self.dtype)), positions)
-    v = jnp.einsum("BTD,DKV->BTKV", x, self.wv[...].astype(self.dtype))
+    k = self._rope_tail(weight_matmul("BTD,DKH->BTKH", x, self.wk, dtype=self.dtype), positions)
+    v = weight_matmul("BTD,DKV->BTKV", x, self.wv, dtype=self.dtype)
     if cache is None:
       out = causal_self_attention(q, k, v, segment_ids, self.scale, self.attention_impl)
     else:
       cache = cache.write(KVCache(k, v), cache_index)
       k, v = (a.astype(self.dtype) for a in cache.read())
       out = attend(q, k, v, self_attention_mask(positions, None, k.shape[1]), self.scale)
-    return jnp.einsum("BTNV,NVD->BTD", out, self.wo[...].astype(self.dtype)), cache
+    return weight_matmul("BTNV,NVD->BTD", out, self.wo, dtype=self.dtype), cache

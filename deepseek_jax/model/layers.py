@@ -2,9 +2,11 @@
 
 Axis legend: B batch, T length, D d_model, F FFN hidden, V vocab.
 
-Parameters carry their logical axis names as metadata (``axes=("embed", "mlp")``); the
-partitioning code maps those names to mesh axes, so a layer never knows about the mesh.
-Weights are stored in ``param_dtype`` and cast to the activation ``dtype`` where they are used.
+Parameters carry their logical axis names as Flax's sharding metadata (``param(value,
+("embed", "mlp"))``, read by ``nnx.get_partition_spec``); the partitioning code maps those names
+to mesh axes, so a layer never knows about the mesh.
+Weights are stored in ``param_dtype``; every weight matmul casts them to the activation
+``dtype`` in ``ops.matmul.weight_matmul`` (the one chokepoint, where a quantiser plugs in).
 """
 
 from __future__ import annotations
@@ -15,20 +17,29 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deepseek_jax.ops.matmul import weight_matmul
+
+
+def param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
+  """An ``nnx.Param`` carrying its logical axis names as Flax's standard sharding metadata
+  (``nnx.get_partition_spec`` reads it; ``parallel.partitioning`` maps the names to mesh axes).
+  Eager sharding is off: weights are placed by the step's shardings, not at creation."""
+  assert value.ndim == len(axes), (value.shape, axes)
+  return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+
 
 def normal_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], *,
                  std: float, param_dtype: str) -> nnx.Param:
   """A N(0, std^2) weight tagged with logical axis names (DeepSeek inits every matrix this way)."""
-  assert len(shape) == len(axes), (shape, axes)
   value = std * jax.random.normal(rngs.params(), tuple(shape), jnp.float32)
-  return nnx.Param(value.astype(param_dtype), axes=tuple(axes))
+  return param(value.astype(param_dtype), axes)
 
 
 class RMSNorm(nnx.Module):
   """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32 whatever the input dtype."""
 
   def __init__(self, dim: int, *, eps: float, param_dtype: str = "float32"):
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=("norm",))
+    self.scale = param(jnp.ones((dim,), param_dtype), ("norm",))
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -49,10 +60,10 @@ class SwiGLU(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(self.dtype)
-    gate = jnp.einsum("BTD,DF->BTF", x, self.w_gate[...].astype(self.dtype))
-    up = jnp.einsum("BTD,DF->BTF", x, self.w_up[...].astype(self.dtype))
-    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.w_down[...].astype(self.dtype))
+    """x [B, T, D] -> [B, T, D] in ``dtype``."""
+    gate = weight_matmul("BTD,DF->BTF", x, self.w_gate, dtype=self.dtype)
+    up = weight_matmul("BTD,DF->BTF", x, self.w_up, dtype=self.dtype)
+    return weight_matmul("BTF,FD->BTD", jax.nn.silu(gate) * up, self.w_down, dtype=self.dtype)
 
 
 class Embed(nnx.Module):
@@ -68,5 +79,6 @@ class Embed(nnx.Module):
     return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
-    return jnp.einsum("BTD,VD->BTV", x.astype(self.dtype), self.embedding[...].astype(self.dtype),
-                      preferred_element_type=jnp.float32)
+    """The tied output head: x [B, T, D] -> logits [B, T, V] in float32."""
+    return weight_matmul("BTD,VD->BTV", x, self.embedding, dtype=self.dtype,
+                         preferred_element_type=jnp.float32)

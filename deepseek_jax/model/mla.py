@@ -30,10 +30,11 @@ re-expand the latents (``absorb=False``) or keep an expanded cache.
 Caches: ``LatentCache`` (c_KV, k_R) for the absorbed path, ``KVCache`` (per-head k, v) for the
 expanded one. ``absorb`` selects the attention path; the cache type selects what is stored.
 
-Kernels (``attention_impl``, see attention.py): without a cache the expanded path runs the
-Pallas flash attention kernel (d_qk = H + R differs from d_v); decoding 1 or 2 tokens per row
-(2 = MTP speculative verification) on the absorbed path runs the Pallas MLA decode kernel, which
-reads the layer-stacked latent cache in place as 64-slot pages (no copy of the layer's cache).
+Kernels (resolved once by ``model.execution``): with ``attention_impl="pallas"`` the expanded
+path without a cache runs the Pallas flash attention kernel (d_qk = H + R differs from d_v); with
+``decode_impl="pallas"`` decoding 1 or 2 tokens per row (2 = MTP speculative verification) on
+the absorbed path runs the Pallas MLA decode kernel, which reads the layer-stacked latent cache
+in place as 64-slot pages (no copy of the layer's cache).
 """
 
 from __future__ import annotations
@@ -44,11 +45,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deepseek_jax.model.attention import (CacheView, KVCache, QueryProjection, attend,
-                                          causal_self_attention, masked_softmax,
-                                          self_attention_mask, uses_kernels)
+from deepseek_jax.model.attention import (AttentionSpec, CacheView, KVCache, QueryProjection,
+                                          attend, causal_self_attention, check_kernel_choice,
+                                          masked_softmax, self_attention_mask)
 from deepseek_jax.model.layers import RMSNorm, normal_param
 from deepseek_jax.model.rope import RotaryEmbedding
+from deepseek_jax.ops.matmul import weight_matmul
 from pallas_kernels.mla_decode.ops import PAGE_SIZE, contiguous_as_pages, mla_decode
 
 
@@ -75,41 +77,47 @@ def stacked_pages(view: CacheView):
 
 
 class MultiHeadLatentAttention(nnx.Module):
+  """Multi-Head Latent Attention (V2 §2.1): keys and values from one cached latent per token.
 
-  def __init__(self, d_model: int, n_heads: int, q_lora_rank: Optional[int], kv_lora_rank: int,
-               qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, *,
-               decoupled_rope: bool, rotary: RotaryEmbedding, softmax_scale: float,
-               attention_impl: str = "auto", eps: float, init_std: float, dtype: str,
-               param_dtype: str, rngs: nnx.Rngs):
+  Weights: the query projection (``QueryProjection``), W_DKV and W_KR fused as ``wkv_a``
+  [D, C + R] (HF ``kv_a_proj_with_mqa``), ``kv_norm`` on c_KV, W_UK ``w_uk`` [C, N, H] and
+  W_UV ``w_uv`` [C, N, V] (HF ``kv_b_proj``), W_O ``wo`` [N, V, D]. ``__call__`` runs the
+  expanded path (training, expanded caches) or the absorbed path over a ``LatentCache``
+  (decoding); see the module docstring for the formulas and the kernel choices.
+  """
+
+  def __init__(self, spec: AttentionSpec, *, rotary: RotaryEmbedding, eps: float,
+               init_std: float, dtype: str, param_dtype: str, rngs: nnx.Rngs,
+               attention_impl: str = "xla", decode_impl: str = "xla"):
+    """``spec`` gives the shapes (``kv_lora_rank`` > 0); ``attention_impl`` / ``decode_impl``
+    are the resolved kernel choices ("xla" | "pallas"). Raises ValueError for an unresolved
+    kernel choice."""
     kw = dict(std=init_std, param_dtype=param_dtype)
-    self.decoupled_rope = decoupled_rope
-    self.nope_dim, self.rope_dim = qk_nope_head_dim, qk_rope_head_dim
-    shared_rope = qk_rope_head_dim if decoupled_rope else 0
-    per_head_key = qk_nope_head_dim + (0 if decoupled_rope else qk_rope_head_dim)
-    self.query = QueryProjection(d_model, n_heads, qk_nope_head_dim + qk_rope_head_dim,
-                                 q_lora_rank, eps=eps, init_std=init_std, dtype=dtype,
-                                 param_dtype=param_dtype, rngs=rngs)
-    # W_DKV and W_KR fused as one [D, C + R] matrix (HF: kv_a_proj_with_mqa).
-    self.wkv_a = normal_param(rngs, (d_model, kv_lora_rank + shared_rope), ("embed", "kv_lora"), **kw)
-    self.kv_norm = RMSNorm(kv_lora_rank, eps=eps, param_dtype=param_dtype)
-    self.w_uk = normal_param(rngs, (kv_lora_rank, n_heads, per_head_key),
-                             ("kv_lora", "heads", "head_dim"), **kw)
-    self.w_uv = normal_param(rngs, (kv_lora_rank, n_heads, v_head_dim),
-                             ("kv_lora", "heads", "head_dim"), **kw)
-    self.wo = normal_param(rngs, (n_heads, v_head_dim, d_model), ("heads", "head_dim", "embed"),
-                           **kw)
-    self.kv_lora_rank = kv_lora_rank
+    d, n, c = spec.d_model, spec.n_heads, spec.kv_lora_rank
+    self.decoupled_rope = spec.decoupled_rope
+    self.nope_dim, self.rope_dim = spec.qk_nope_head_dim, spec.qk_rope_head_dim
+    shared_rope = spec.qk_rope_head_dim if spec.decoupled_rope else 0
+    per_head_key = spec.qk_nope_head_dim + (0 if spec.decoupled_rope else spec.qk_rope_head_dim)
+    self.query = QueryProjection(d, n, spec.qk_head_dim, spec.q_lora_rank, eps=eps,
+                                 init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.wkv_a = normal_param(rngs, (d, c + shared_rope), ("embed", "kv_lora"), **kw)
+    self.kv_norm = RMSNorm(c, eps=eps, param_dtype=param_dtype)
+    self.w_uk = normal_param(rngs, (c, n, per_head_key), ("kv_lora", "heads", "head_dim"), **kw)
+    self.w_uv = normal_param(rngs, (c, n, spec.v_head_dim), ("kv_lora", "heads", "head_dim"), **kw)
+    self.wo = normal_param(rngs, (n, spec.v_head_dim, d), ("heads", "head_dim", "embed"), **kw)
+    self.kv_lora_rank = c
     self.rotary = rotary
-    self.scale = softmax_scale
-    self.attention_impl = attention_impl
+    self.scale = spec.softmax_scale
+    self.attention_impl = check_kernel_choice("attention_impl", attention_impl)
+    self.decode_impl = check_kernel_choice("decode_impl", decode_impl)
     self.dtype = dtype
 
-  def _weights(self, name: str) -> jax.Array:
-    return getattr(self, name)[...].astype(self.dtype)
+  def _matmul(self, eqn: str, x: jax.Array, name: str) -> jax.Array:
+    return weight_matmul(eqn, x, getattr(self, name), dtype=self.dtype)
 
   def latents(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """c_KV [B,T,C] (normalised) and the shared rotary key k_R [B,T,R] (rotated)."""
-    kv = jnp.einsum("BTD,DC->BTC", x, self._weights("wkv_a"))
+    kv = self._matmul("BTD,DC->BTC", x, "wkv_a")
     c_kv = self.kv_norm(kv[..., :self.kv_lora_rank])
     k_rope = kv[..., self.kv_lora_rank:]
     if self.decoupled_rope:
@@ -118,8 +126,8 @@ class MultiHeadLatentAttention(nnx.Module):
 
   def expand(self, c_kv: jax.Array, k_rope: jax.Array, key_positions: jax.Array):
     """Per-head keys [B,S,N,H+R] and values [B,S,N,V] from latents (the expanded path)."""
-    k = jnp.einsum("BSC,CNH->BSNH", c_kv, self._weights("w_uk"))
-    v = jnp.einsum("BSC,CNV->BSNV", c_kv, self._weights("w_uv"))
+    k = self._matmul("BSC,CNH->BSNH", c_kv, "w_uk")
+    v = self._matmul("BSC,CNV->BSNV", c_kv, "w_uv")
     if self.decoupled_rope:
       k_r = jnp.broadcast_to(k_rope[:, :, None, :], k.shape[:3] + (self.rope_dim,))
       k = jnp.concatenate([k, k_r.astype(k.dtype)], axis=-1)
@@ -159,14 +167,14 @@ class MultiHeadLatentAttention(nnx.Module):
       return self._output(out), None
 
     cache = cache.write(LatentCache(c_kv, k_rope), cache_index)  # keys: every cached latent
-    kernel = absorb and x.shape[1] <= 2 and uses_kernels(self.attention_impl, sharded=False)
+    kernel = absorb and x.shape[1] <= 2 and self.decode_impl == "pallas"
     pages = stacked_pages(cache) if kernel else None
     if pages is not None:  # decode / MTP verification: the Pallas kernel
-      q_lat = jnp.einsum("BTNH,CNH->BTNC", q_nope, self._weights("w_uk"))
+      q_lat = self._matmul("BTNH,CNH->BTNC", q_nope, "w_uk")
       q_cat = jnp.concatenate([q_lat, q_rope.astype(q_lat.dtype)], -1).astype(pages[0].dtype)
       o_lat, _ = mla_decode(q_cat, *pages[:2], cache_index + x.shape[1], pages[2],
                             softmax_scale=self.scale)
-      out = jnp.einsum("BTNC,CNV->BTNV", o_lat.astype(self.dtype), self._weights("w_uv"))
+      out = self._matmul("BTNC,CNV->BTNV", o_lat, "w_uv")
       return self._output(out), cache
     c_kv, k_rope = (a.astype(self.dtype) for a in cache.read())
     mask = self_attention_mask(positions, None, c_kv.shape[1])
@@ -179,12 +187,12 @@ class MultiHeadLatentAttention(nnx.Module):
     return self._output(out), cache
 
   def _absorbed(self, q_nope, q_rope, c_kv, k_rope, mask) -> jax.Array:
-    q_lat = jnp.einsum("BTNH,CNH->BTNC", q_nope, self._weights("w_uk"))
+    q_lat = self._matmul("BTNH,CNH->BTNC", q_nope, "w_uk")
     scores = (jnp.einsum("BTNC,BSC->BNTS", q_lat, c_kv, preferred_element_type=jnp.float32)
               + jnp.einsum("BTNR,BSR->BNTS", q_rope, k_rope, preferred_element_type=jnp.float32))
     probs = masked_softmax(scores * self.scale, mask)
     o_lat = jnp.einsum("BNTS,BSC->BTNC", probs.astype(self.dtype), c_kv)
-    return jnp.einsum("BTNC,CNV->BTNV", o_lat, self._weights("w_uv"))
+    return self._matmul("BTNC,CNV->BTNV", o_lat, "w_uv")
 
   def _output(self, out: jax.Array) -> jax.Array:
-    return jnp.einsum("BTNV,NVD->BTD", out, self._weights("wo"))
+    return self._matmul("BTNV,NVD->BTD", out, "wo")

@@ -32,9 +32,14 @@ Capacity: ``capacity_factor`` None is dropless (V3). Otherwise V2's device-level
 
 Expert compute (``expert_ffn``) sorts the M assignments by expert and runs three grouped matmuls
 (``grouped_matmul``): only the chosen experts' FLOPs. ``moe_dense_oracle`` runs every expert on
-every token and exists only to test that. Under a mesh whose expert axis is > 1 the same
-computation runs expert-parallel (``parallel/expert_parallel.py``: all-to-all dispatch, each
-shard's experts on what it received, all-to-all combine); routing and statistics are unchanged.
+every token and exists only to test that. With ``DispatchSpec.mode="expert_parallel"`` (chosen
+by ``model.execution`` when the mesh's expert axis is > 1) the same computation runs
+expert-parallel (``parallel/expert_parallel.py``: all-to-all dispatch, each shard's experts on
+what it received, all-to-all combine); routing and statistics are unchanged.
+
+Constructor specs: ``ExpertSpec`` (how many experts, how wide), ``RoutingSpec`` (how tokens
+pick them), ``BalanceSpec`` (bias and balance losses), ``DispatchSpec`` (capacity, kernels,
+local or expert-parallel, exchange, buffers, expert placement).
 """
 
 from __future__ import annotations
@@ -48,10 +53,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deepseek_jax.model.grouped_matmul import (default_tile, gather_rows, grouped_matmul,
-                                                resolve_impl, tile_layout, tile_matmul)
 from deepseek_jax.model.layers import SwiGLU, normal_param
+from deepseek_jax.ops.grouped_matmul import (default_tile, grouped_matmul, resolve_impl,
+                                             tile_layout, tile_matmul)
+from deepseek_jax.ops.matmul import weight_matmul
+from deepseek_jax.ops.rows import gather_rows
 from deepseek_jax.parallel import expert_parallel
+from deepseek_jax.parallel.expert_parallel import ExpertPlacement
 
 
 class RouterBias(nnx.Variable):
@@ -60,6 +68,11 @@ class RouterBias(nnx.Variable):
 
 @dataclasses.dataclass(frozen=True)
 class RoutingSpec:
+  """How tokens pick experts (``route``): top_k K; score_func "softmax" (V2) | "sigmoid" (V3);
+  n_groups G and n_limited_groups M (group-limited routing keeps M of G groups, scored by
+  group_score "max" (V2) | "top2_sum" (V3)); norm_topk_prob renormalises the selected scores
+  to sum 1; routed_scaling_factor multiplies the combine weights."""
+
   top_k: int
   score_func: str = "sigmoid"
   n_groups: int = 1
@@ -67,6 +80,64 @@ class RoutingSpec:
   group_score: str = "top2_sum"
   norm_topk_prob: bool = True
   routed_scaling_factor: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertSpec:
+  """The experts: n_routed E fine-grained routed experts and n_shared always-on experts, each a
+  SwiGLU of hidden width ffn_dim F (the shared experts form one SwiGLU of n_shared F)."""
+
+  n_routed: int
+  n_shared: int
+  ffn_dim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class BalanceSpec:
+  """Load balancing: router_bias (V3's auxiliary-loss-free bias b, updated by
+  ``update_router_bias``); the balance losses' scope ("sequence" | "batch") and coefficients
+  alpha (expert-level, V3 sequence-wise / V2 alpha_1), alpha_2 (device), alpha_3 (comm)."""
+
+  router_bias: bool = False
+  scope: str = "sequence"
+  expert_coef: float = 0.0
+  device_coef: float = 0.0
+  comm_coef: float = 0.0
+
+
+DISPATCH_MODES = ("local", "expert_parallel")
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchSpec:
+  """How assignments reach the experts. Changes the function computed only through
+  capacity_factor (V2 device-level dropping; None = dropless) and a receive buffer that
+  overflows (counted, never silent).
+
+  mode: "local" (sorted grouped matmuls on this device, or XLA-partitioned) or
+    "expert_parallel" (all-to-all over the mesh's expert axis, ``parallel.expert_parallel``);
+    chosen once by ``model.execution.resolve_execution``, never from the ambient mesh.
+  grouped_matmul: "tiled" | "ragged_dot" | "megablox" | "tokamax" ("auto" is resolved for the
+    default platform when the layer is built).
+  exchange: "ragged" | "padded" ("auto" resolved likewise); buffer_factor: None = worst-case
+    receive buffers; placement: expert -> shard table (None = identity).
+  """
+
+  capacity_factor: Optional[float] = None
+  mode: str = "local"
+  grouped_matmul: str = "auto"
+  exchange: str = "auto"
+  buffer_factor: Optional[float] = None
+  placement: Optional[ExpertPlacement] = None
+
+  def resolved(self) -> "DispatchSpec":
+    """``auto`` choices made for the default platform (a local layer on one device). Raises
+    ValueError for an unknown mode, grouped matmul or exchange."""
+    if self.mode not in DISPATCH_MODES:
+      raise ValueError(f"DispatchSpec.mode must be one of {DISPATCH_MODES}, got {self.mode!r}")
+    return dataclasses.replace(
+        self, grouped_matmul=resolve_impl(self.grouped_matmul, partitioned=False),
+        exchange=expert_parallel.resolve_exchange(self.exchange))
 
 
 class Routing(NamedTuple):
@@ -183,7 +254,8 @@ def expert_ffn(x, experts, weights, w_gate, w_up, w_down, *, impl="auto", max_ro
 
   ``experts`` [T, K] ids (>= E: slot unused, e.g. dropped), ``weights`` [T, K]. The T*K slots
   are sorted by expert and only the first ``max_rows`` (default all) are computed; ``overflow``
-  counts the used slots past that limit (their contribution is left out).
+  counts the used slots past that limit (their contribution is left out). The expert weights
+  (any dtype) meet x through ``weight_matmul`` in x's dtype.
   """
   t, top_k = experts.shape
   n_experts, m = w_gate.shape[0], t * top_k
@@ -202,9 +274,11 @@ def expert_ffn(x, experts, weights, w_gate, w_up, w_down, *, impl="auto", max_ro
     out = _tiled_expert_ffn(x, order[:rows], rank, group_sizes, top_k, w_gate, w_up, w_down)
   else:
     x_sorted = x[order[:rows] // top_k]
-    gate = grouped_matmul(x_sorted, w_gate, group_sizes, impl=impl)
-    up = grouped_matmul(x_sorted, w_up, group_sizes, impl=impl)
-    out_sorted = grouped_matmul(jax.nn.silu(gate) * up, w_down, group_sizes, impl=impl)
+    gmm = lambda a, w: grouped_matmul(a, w, group_sizes, impl=impl)
+    gate = weight_matmul("MD,EDF->MF", x_sorted, w_gate, dtype=x.dtype, product=gmm)
+    up = weight_matmul("MD,EDF->MF", x_sorted, w_up, dtype=x.dtype, product=gmm)
+    out_sorted = weight_matmul("MF,EFD->MD", jax.nn.silu(gate) * up, w_down, dtype=x.dtype,
+                               product=gmm)
     out_sorted = jnp.concatenate([out_sorted, jnp.zeros((1, x.shape[1]), out_sorted.dtype)])
     out = out_sorted[jnp.minimum(rank, rows)].reshape(t, top_k, -1)
     out = jnp.where(computed[..., None], out, 0)  # a kernel may leave rows past the groups unset
@@ -240,9 +314,11 @@ def _tiled_expert_ffn(x, order, rank, group_sizes, top_k, w_gate, w_up, w_down):
   token_of_slot = jnp.where(assignment_of_slot < t * top_k, assignment_of_slot // top_k, t)
   x_tiles = gather_rows(x, token_of_slot, slot_of_assignment.reshape(t, top_k))
   x_tiles = x_tiles.reshape(-1, tile, d)
-  gate = tile_matmul(x_tiles, w_gate, layout.tile_group)
-  up = tile_matmul(x_tiles, w_up, layout.tile_group)
-  y_tiles = tile_matmul(jax.nn.silu(gate) * up, w_down, layout.tile_group)
+  tmm = lambda a, w: tile_matmul(a, w, layout.tile_group)
+  gate = weight_matmul("NBD,EDF->NBF", x_tiles, w_gate, dtype=x.dtype, product=tmm)
+  up = weight_matmul("NBD,EDF->NBF", x_tiles, w_up, dtype=x.dtype, product=tmm)
+  y_tiles = weight_matmul("NBF,EFD->NBD", jax.nn.silu(gate) * up, w_down, dtype=x.dtype,
+                          product=tmm)
   out = gather_rows(y_tiles.reshape(n_slots, d), slot_of_assignment, assignment_of_slot[:, None])
   return out.reshape(t, top_k, d)
 
@@ -259,7 +335,8 @@ def moe_dense_oracle(x, routing: Routing, w_gate, w_up, w_down, keep=None):
 
 
 def _shard_experts(x, ids, values, params, shard_args, ctx, *, routing: RoutingSpec,
-                   n_experts: int, capacity_factor: Optional[float], impl: str):
+                   n_experts: int, capacity_factor: Optional[float], impl: str,
+                   placement: ExpertPlacement):
   """The expert-parallel ``local_fn``: one shard's experts on the rows it received.
 
   ids [R, K] local expert ids (El = not on this shard), values = (weights, [priority]).
@@ -272,7 +349,8 @@ def _shard_experts(x, ids, values, params, shard_args, ctx, *, routing: RoutingS
   if capacity_factor is not None:
     priority, (real,) = values[1], shard_args
     per_group = n_experts // routing.n_groups
-    group = jnp.where(valid, (ctx.index * per_shard + ids) // per_group, routing.n_groups)
+    group = jnp.where(valid, ctx.experts_here[jnp.minimum(ids, per_shard - 1)] // per_group,
+                      routing.n_groups)
     n_real = jax.lax.psum(real.sum(), ctx.axis)
     capacity = device_capacity(n_real, routing.top_k, routing.n_groups, capacity_factor)
     keep = capacity_keep(group.reshape(-1), priority.reshape(-1), routing.n_groups + 1,
@@ -280,7 +358,9 @@ def _shard_experts(x, ids, values, params, shard_args, ctx, *, routing: RoutingS
     dropped = (valid & ~keep & (priority >= 0)).sum().astype(jnp.float32)
     ids = jnp.where(keep, ids, per_shard)
     # Static bound: a group keeps at most cf * (every token of the EP group) * K / G slots.
-    groups_here = max(len({(i * per_shard + e) // per_group for e in range(per_shard)})
+    expert_of_slot = placement.expert_of_slot()
+    groups_here = max(len({int(e) // per_group for e in expert_of_slot[i * per_shard:
+                                                                      (i + 1) * per_shard]})
                       for i in range(ctx.n_shards))
     most = math.ceil(capacity_factor * ctx.n_shards * ctx.n_tokens * routing.top_k
                      / routing.n_groups)
@@ -292,74 +372,84 @@ def _shard_experts(x, ids, values, params, shard_args, ctx, *, routing: RoutingS
 class MoE(nnx.Module):
   """DeepSeekMoE layer. Returns (y, stats); stats feed the losses, the bias update and logging.
 
-  Traced under a mesh (``jax.set_mesh``) whose expert axis is > 1, the routed experts run
-  expert-parallel (``parallel.expert_parallel``); routing, statistics and losses stay global
-  arrays, so expert loads and balance terms always count the whole batch.
+  Weights: router ``gate`` [D, E] (float32 math), routed experts ``w_gate`` / ``w_up`` [E, D, F]
+  and ``w_down`` [E, F, D], shared experts ``shared`` (a SwiGLU of n_shared F), and the
+  ``router_bias`` [E] state when balance.router_bias. With ``dispatch.mode="expert_parallel"``
+  the routed experts run over the mesh's expert axis (``parallel.expert_parallel``); routing,
+  statistics and losses stay global arrays, so expert loads and balance terms always count
+  the whole batch.
   """
 
-  def __init__(self, d_model: int, n_routed_experts: int, n_shared_experts: int, ffn_dim: int, *,
-               routing: RoutingSpec, router_bias: bool, capacity_factor: Optional[float],
-               balance_scope: str, expert_balance_coef: float, device_balance_coef: float,
-               comm_balance_coef: float, grouped_matmul_impl: str, init_std: float, dtype: str,
-               param_dtype: str, rngs: nnx.Rngs, expert_exchange: str = "auto",
-               expert_buffer_factor: Optional[float] = None):
+  def __init__(self, d_model: int, experts: ExpertSpec, *, routing: RoutingSpec,
+               balance: BalanceSpec = BalanceSpec(), dispatch: DispatchSpec = DispatchSpec(),
+               init_std: float, dtype: str, param_dtype: str, rngs: nnx.Rngs):
+    """Raises ValueError for an unknown dispatch mode, grouped matmul or exchange."""
     kw = dict(std=init_std, param_dtype=param_dtype)
-    e, d, f = n_routed_experts, d_model, ffn_dim
+    e, d, f = experts.n_routed, d_model, experts.ffn_dim
     self.gate = normal_param(rngs, (d, e), ("embed", "expert"), **kw)
-    self.router_bias = RouterBias(jnp.zeros((e,), jnp.float32)) if router_bias else None
+    self.router_bias = RouterBias(jnp.zeros((e,), jnp.float32)) if balance.router_bias else None
     self.w_gate = normal_param(rngs, (e, d, f), ("expert", "embed", "expert_mlp"), **kw)
     self.w_up = normal_param(rngs, (e, d, f), ("expert", "embed", "expert_mlp"), **kw)
     self.w_down = normal_param(rngs, (e, f, d), ("expert", "expert_mlp", "embed"), **kw)
-    self.shared = (SwiGLU(d, n_shared_experts * f, init_std=init_std, dtype=dtype,
-                          param_dtype=param_dtype, rngs=rngs) if n_shared_experts else None)
+    self.shared = (SwiGLU(d, experts.n_shared * f, init_std=init_std, dtype=dtype,
+                          param_dtype=param_dtype, rngs=rngs) if experts.n_shared else None)
     self.routing = routing
-    self.capacity_factor = capacity_factor
-    self.balance_scope = balance_scope
-    self.coefs = (expert_balance_coef, device_balance_coef, comm_balance_coef)
-    self.impl = grouped_matmul_impl
-    self.exchange = expert_exchange
-    self.buffer_factor = expert_buffer_factor
+    self.balance = balance
+    self.dispatch = dispatch.resolved()
     self.dtype = dtype
+
+  @property
+  def capacity_factor(self) -> Optional[float]:
+    return self.dispatch.capacity_factor
 
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None, drop_tokens: bool = True):
     """x [B,T,D], mask [B,T] (1 = real token; padding is excluded from load, losses and
-    capacity). ``drop_tokens=False`` disables capacity dropping (inference)."""
+    capacity). ``drop_tokens=False`` disables capacity dropping (inference). Raises
+    ValueError when expert-parallel dispatch cannot run (no expert axis in the context mesh,
+    experts or tokens that do not divide over it, V2 capacity with groups split over shards)."""
     b, t, d = x.shape
     x = x.astype(self.dtype)
     mask = jnp.ones((b, t), jnp.float32) if mask is None else mask.astype(jnp.float32)
     tokens = x.reshape(b * t, d)
-    logits = jnp.einsum("TD,DE->TE", tokens.astype(jnp.float32),
-                        self.gate[...].astype(jnp.float32))  # router in float32
+    # The router in float32 (V3 §3.3 keeps gating in high precision).
+    logits = weight_matmul("TD,DE->TE", tokens, self.gate, dtype=jnp.float32)
     bias = None if self.router_bias is None else self.router_bias[...]
     routing = route(logits, bias, self.routing)
     n_experts, top_k = logits.shape[-1], self.routing.top_k
     flat_mask = jnp.repeat(mask.reshape(-1), top_k)
-    capacity_factor = self.capacity_factor if drop_tokens else None
+    dispatch = self.dispatch
+    capacity_factor = dispatch.capacity_factor if drop_tokens else None
     affinity = jnp.take_along_axis(routing.scores, routing.experts, -1)
     priority = jnp.where(mask.reshape(-1, 1) > 0, affinity, -1.0)  # padding yields slots first
-    w = [getattr(self, n)[...].astype(self.dtype) for n in ("w_gate", "w_up", "w_down")]
+    w = [getattr(self, n)[...] for n in ("w_gate", "w_up", "w_down")]  # cast at the matmul
 
     counters = {}
-    if expert_parallel.expert_mesh() is not None and expert_parallel.splits_batch(b * t):
+    if dispatch.mode == "expert_parallel":
       spec = self.routing
-      n_shards = expert_parallel.expert_mesh().shape["expert"]
-      if capacity_factor is not None and spec.n_groups % n_shards:
+      mesh = expert_parallel.expert_mesh()
+      n_shards = 1 if mesh is None else mesh.shape["expert"]
+      placement = dispatch.placement or ExpertPlacement.identity(n_experts)
+      shard_of = placement.shard_of(n_shards).reshape(spec.n_groups, -1)
+      if capacity_factor is not None and (shard_of != shard_of[:, :1]).any():
         raise ValueError(
             f"capacity_factor={capacity_factor} (V2 device-level dropping) treats each of the "
             f"n_expert_groups={spec.n_groups} groups as a device, so a group must lie on one "
             f"expert shard: make n_expert_groups a multiple of the mesh's expert axis "
-            f"({n_shards}), or set capacity_factor=None (dropless)")
+            f"({n_shards}) and place each group's experts together, or set "
+            "capacity_factor=None (dropless)")
       local = functools.partial(_shard_experts, routing=spec, n_experts=n_experts,
-                                capacity_factor=capacity_factor, impl=self.impl)
+                                capacity_factor=capacity_factor, impl=dispatch.grouped_matmul,
+                                placement=placement)
       capacity_args = capacity_factor is not None
       y, counters = expert_parallel.expert_parallel(
           local, tokens, routing.experts,
           (routing.weights, priority) if capacity_args else (routing.weights,), w, (2, 2, 1),
           (mask.reshape(-1),) if capacity_args else (),
           max_shards=expert_parallel.max_shards_per_token(
-              n_experts, n_shards, spec.n_groups, spec.n_limited_groups, top_k),
-          buffer_factor=self.buffer_factor, exchange=self.exchange,
-          check_vma=resolve_impl(self.impl) in ("tiled", "ragged_dot"))  # Pallas: no vma types
+              n_experts, n_shards, spec.n_groups, spec.n_limited_groups, top_k, placement),
+          buffer_factor=dispatch.buffer_factor, exchange=dispatch.exchange,
+          check_vma=dispatch.grouped_matmul in ("tiled", "ragged_dot"),  # Pallas: no vma types
+          placement=placement)
       dropped, overflow = counters["dropped"], counters["overflow"]
     else:
       experts = routing.experts
@@ -371,14 +461,15 @@ class MoE(nnx.Module):
         keep = capacity_keep(device, priority.reshape(-1), n_devices, capacity)
         dropped = jnp.where(keep, 0.0, flat_mask).sum()
         experts = jnp.where(keep.reshape(b * t, top_k), experts, n_experts)
-      y, overflow = expert_ffn(tokens, experts, routing.weights, *w, impl=self.impl)
+      y, overflow = expert_ffn(tokens, experts, routing.weights, *w, impl=dispatch.grouped_matmul)
     if self.shared is not None:
       y = y + self.shared(tokens[None])[0]
 
     scores = routing.scores.reshape(b, t, n_experts)
     experts = routing.experts.reshape(b, t, top_k)
-    f, p = balance_fractions(scores, experts, mask, self.balance_scope)
-    expert_coef, device_coef, comm_coef = self.coefs
+    balance = self.balance
+    f, p = balance_fractions(scores, experts, mask, balance.scope)
+    expert_coef, device_coef, comm_coef = balance.expert_coef, balance.device_coef, balance.comm_coef
     n_groups = self.routing.n_groups
     stats = {
         "load": jnp.einsum("M,ME->E", flat_mask,
@@ -390,7 +481,7 @@ class MoE(nnx.Module):
         "device_balance": device_coef * device_balance_loss(f, p, n_groups),
         "comm_balance": comm_coef * comm_balance_loss(experts, mask, p, n_groups,
                                                       self.routing.n_limited_groups,
-                                                      self.balance_scope),
+                                                      balance.scope),
     }
     if "dispatch_rows" in counters:  # rows sent per token (padding included), its bound
       stats["dispatch_per_token"] = counters["dispatch_rows"] / (b * t)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepseek_jax.model.layers import RMSNorm, normal_param
+from deepseek_jax.ops.matmul import weight_matmul
 
 
 def shift_left(x: jax.Array, k: int, fill=0) -> jax.Array:
@@ -68,6 +69,6 @@ class MTPModule(nnx.Module):
   def __call__(self, h_prev, token_embedding, positions, *, segment_ids=None, mask=None):
     """Returns (RMSNorm_k(h^k) [B,T,D]: for the head and the next depth, MoE stats)."""
     joined = jnp.concatenate([self.enorm(token_embedding), self.hnorm(h_prev)], axis=-1)
-    x = jnp.einsum("BTE,ED->BTD", joined.astype(self.dtype), self.eh_proj[...].astype(self.dtype))
+    x = weight_matmul("BTE,ED->BTD", joined, self.eh_proj, dtype=self.dtype)
     h, _, stats = self.block(x, positions, segment_ids=segment_ids, mask=mask)
     return self.norm(h), stats

@@ -7,7 +7,8 @@ L axis, and ``lax.scan`` runs it, so compile time does not grow with depth. The 
 ``n_dense_layers`` blocks form the dense stack, the rest the MoE stack (V3: 3 + 58).
 
 ``DeepSeekModel`` is the only module that reads ``ModelConfig``; it translates the config into
-the explicit fields of each layer (``make_block``).
+the explicit fields of each layer (``make_block``), with the execution choices (kernels,
+expert-parallel dispatch) resolved once by ``model.execution.resolve_execution``.
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model.attention import CacheView, GroupedQueryAttention, KVCache
+from deepseek_jax.model.attention import (AttentionSpec, CacheView, GroupedQueryAttention,
+                                          KVCache)
+from deepseek_jax.model.execution import Execution, resolve_execution
 from deepseek_jax.model.layers import Embed, RMSNorm, SwiGLU, normal_param
 from deepseek_jax.model.mla import LatentCache, MultiHeadLatentAttention
-from deepseek_jax.model.moe import MoE, RouterBias, RoutingSpec, update_router_bias
+from deepseek_jax.model.moe import (BalanceSpec, DispatchSpec, ExpertSpec, MoE, RouterBias,
+                                    RoutingSpec, update_router_bias)
 from deepseek_jax.model.mtp import MTPModule, mtp_targets
 from deepseek_jax.model.rope import rotary_from_config
+from deepseek_jax.ops.matmul import weight_matmul
 
 
 class Block(nnx.Module):
@@ -51,44 +56,65 @@ class Block(nnx.Module):
     return x + h.astype(x.dtype), cache, stats
 
 
-def make_block(cfg: ModelConfig, moe: bool, rngs: nnx.Rngs) -> Block:
+def attention_spec(cfg: ModelConfig) -> AttentionSpec:
+  """The attention layer shape of ``cfg``."""
+  return AttentionSpec(
+      d_model=cfg.d_model, n_heads=cfg.n_heads, qk_nope_head_dim=cfg.qk_nope_head_dim,
+      qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
+      softmax_scale=cfg.softmax_scale, q_lora_rank=cfg.q_lora_rank,
+      kv_lora_rank=cfg.kv_lora_rank, n_kv_heads=cfg.kv_heads, decoupled_rope=cfg.decoupled_rope)
+
+
+def moe_specs(cfg: ModelConfig, execution: Execution):
+  """(ExpertSpec, RoutingSpec, BalanceSpec, DispatchSpec) of ``cfg``'s MoE layers."""
+  experts = ExpertSpec(cfg.n_routed_experts, cfg.n_shared_experts, cfg.moe_ffn_dim)
+  routing = RoutingSpec(
+      top_k=cfg.n_activated_experts, score_func=cfg.score_func, n_groups=cfg.n_expert_groups,
+      n_limited_groups=cfg.n_limited_groups, group_score=cfg.group_score,
+      norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor)
+  balance = BalanceSpec(router_bias=cfg.router_bias, scope=cfg.balance_loss_scope,
+                        expert_coef=cfg.expert_balance_coef, device_coef=cfg.device_balance_coef,
+                        comm_coef=cfg.comm_balance_coef)
+  dispatch = DispatchSpec(capacity_factor=cfg.capacity_factor, mode=execution.moe_dispatch,
+                          grouped_matmul=execution.grouped_matmul,
+                          exchange=execution.expert_exchange,
+                          buffer_factor=cfg.expert_buffer_factor,
+                          placement=execution.expert_placement)
+  return experts, routing, balance, dispatch
+
+
+def make_block(cfg: ModelConfig, moe: bool, rngs: nnx.Rngs,
+               execution: Optional[Execution] = None) -> Block:
+  """One block of ``cfg`` (MLA or MHA/GQA attention; MoE or dense FFN) run per ``execution``
+  (default: resolved for one device of the default backend)."""
+  execution = execution or resolve_execution(cfg)
   common = dict(init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-  attn_kw = dict(rotary=rotary_from_config(cfg), softmax_scale=cfg.softmax_scale,
-                 attention_impl=cfg.attention_impl, eps=cfg.rms_norm_eps, **common)
+  attn_kw = dict(rotary=rotary_from_config(cfg), eps=cfg.rms_norm_eps,
+                 attention_impl=execution.attention, **common)
   if cfg.attention_kind == "mla":
-    attention = MultiHeadLatentAttention(
-        cfg.d_model, cfg.n_heads, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim,
-        cfg.qk_rope_head_dim, cfg.v_head_dim, decoupled_rope=cfg.decoupled_rope, **attn_kw)
+    attention = MultiHeadLatentAttention(attention_spec(cfg), decode_impl=execution.decode_attention,
+                                         **attn_kw)
   else:
-    attention = GroupedQueryAttention(
-        cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.q_lora_rank, cfg.qk_nope_head_dim,
-        cfg.qk_rope_head_dim, cfg.v_head_dim, **attn_kw)
+    attention = GroupedQueryAttention(attention_spec(cfg), **attn_kw)
   if moe:
-    routing = RoutingSpec(
-        top_k=cfg.n_activated_experts, score_func=cfg.score_func, n_groups=cfg.n_expert_groups,
-        n_limited_groups=cfg.n_limited_groups, group_score=cfg.group_score,
-        norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor)
-    ffn = MoE(cfg.d_model, cfg.n_routed_experts, cfg.n_shared_experts, cfg.moe_ffn_dim,
-              routing=routing, router_bias=cfg.router_bias, capacity_factor=cfg.capacity_factor,
-              balance_scope=cfg.balance_loss_scope, expert_balance_coef=cfg.expert_balance_coef,
-              device_balance_coef=cfg.device_balance_coef,
-              comm_balance_coef=cfg.comm_balance_coef, grouped_matmul_impl=cfg.grouped_matmul,
-              expert_exchange=cfg.expert_exchange, expert_buffer_factor=cfg.expert_buffer_factor,
-              **common)
+    experts, routing, balance, dispatch = moe_specs(cfg, execution)
+    ffn = MoE(cfg.d_model, experts, routing=routing, balance=balance, dispatch=dispatch, **common)
   else:
     ffn = SwiGLU(cfg.d_model, cfg.dense_ffn_dim, **common)
   return Block(attention, ffn, cfg.d_model, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
 
 
-def stack_blocks(cfg: ModelConfig, n: int, moe: bool, rngs: nnx.Rngs) -> Optional[Block]:
-  """n independently initialised blocks as one Block with a leading layer axis (None if n=0)."""
+def stack_blocks(cfg: ModelConfig, n: int, moe: bool, rngs: nnx.Rngs,
+                 execution: Optional[Execution] = None) -> Optional[Block]:
+  """n independently initialised blocks as one Block with a leading layer axis (None if n=0);
+  the parameters' sharding metadata gets a leading "layers" axis."""
   if n == 0:
     return None
 
   @nnx.split_rngs(splits=n)
-  @nnx.vmap(in_axes=0, out_axes=0)
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
   def create(rngs):
-    return make_block(cfg, moe, rngs)
+    return make_block(cfg, moe, rngs, execution)
 
   return create(rngs)
 
@@ -169,28 +195,38 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, kind: str = "latent",
 
 
 class DeepSeekModel(nnx.Module):
+  """The DeepSeek-V2/V3 decoder of ``cfg``: embedding, dense blocks, MoE blocks, final norm,
+  output head (tied to the embedding if ``cfg.tie_embeddings``) and ``cfg.n_mtp_modules`` MTP
+  modules. ``execution`` (default: ``resolve_execution(cfg)``, one device of the default
+  backend) fixes the kernels and the MoE dispatch; ``set_execution`` changes them later.
+  ``__call__`` returns a ``ModelOutput``; ``mtp_forward`` runs the MTP depths.
+  """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, execution: Optional[Execution] = None):
+    execution = execution or resolve_execution(cfg)
     common = dict(init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     self.config = cfg
+    self.execution = execution
     self.embed = Embed(cfg.vocab_size, cfg.d_model, **common)
-    self.dense_layers = stack_blocks(cfg, cfg.n_dense_layers, moe=False, rngs=rngs)
-    self.moe_layers = stack_blocks(cfg, cfg.n_moe_layers, moe=True, rngs=rngs)
+    self.dense_layers = stack_blocks(cfg, cfg.n_dense_layers, moe=False, rngs=rngs,
+                                     execution=execution)
+    self.moe_layers = stack_blocks(cfg, cfg.n_moe_layers, moe=True, rngs=rngs,
+                                   execution=execution)
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
     self.lm_head = (None if cfg.tie_embeddings else
                     normal_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                                  std=cfg.init_std, param_dtype=cfg.param_dtype))
     self.mtp = nnx.List([
-        MTPModule(make_block(cfg, cfg.n_moe_layers > 0, rngs), cfg.d_model, eps=cfg.rms_norm_eps,
+        MTPModule(make_block(cfg, cfg.n_moe_layers > 0, rngs, execution), cfg.d_model,
+                  eps=cfg.rms_norm_eps,
                   **common) for _ in range(cfg.n_mtp_modules)])
 
   def head(self, h: jax.Array) -> jax.Array:
     """Output head on normed hidden states; logits returned in float32."""
     if self.lm_head is None:
       return self.embed.attend(h)
-    dtype = self.config.dtype
-    return jnp.einsum("BTD,DV->BTV", h.astype(dtype), self.lm_head[...].astype(dtype),
-                      preferred_element_type=jnp.float32)
+    return weight_matmul("BTD,DV->BTV", h, self.lm_head, dtype=self.config.dtype,
+                         preferred_element_type=jnp.float32)
 
   def __call__(self, tokens, *, positions=None, segment_ids=None, mask=None,
                cache: Optional[DecodeCache] = None, cache_index=None,
@@ -265,20 +301,21 @@ def _forward(graphdef, state, tokens, *, positions=None, segment_ids=None, mask=
                                     mask=mask, cache=cache, cache_index=cache_index, absorb=absorb)
 
 
-def abstract_model(cfg: ModelConfig) -> DeepSeekModel:
+def abstract_model(cfg: ModelConfig, execution: Optional[Execution] = None) -> DeepSeekModel:
   """The model with ShapeDtypeStruct leaves: shapes and counts without allocating weights."""
-  return nnx.eval_shape(lambda: DeepSeekModel(cfg, rngs=nnx.Rngs(0)))
+  return nnx.eval_shape(lambda: DeepSeekModel(cfg, rngs=nnx.Rngs(0), execution=execution))
 
 
-def create_model(cfg: ModelConfig, seed: int = 0, *, shardings=None) -> DeepSeekModel:
+def create_model(cfg: ModelConfig, seed: int = 0, *, shardings=None,
+                 execution: Optional[Execution] = None) -> DeepSeekModel:
   """Build and initialise ``DeepSeekModel(cfg)`` as one compiled program.
 
   Eager construction dispatches and compiles every initialiser separately (~10 s for the tiny
   preset on CPU); this compiles one program per config (~3 s). With ``shardings`` (a tree of
   NamedSharding matching ``nnx.state(model)``) every weight is created directly in its shards,
-  so a model larger than one device never exists whole.
+  so a model larger than one device never exists whole. ``execution``: see ``DeepSeekModel``.
   """
-  graphdef, _ = nnx.split(abstract_model(cfg))
+  graphdef, _ = nnx.split(abstract_model(cfg, execution))
   # Initialisation runs once: the XLA backend's expensive passes buy nothing but compile time.
   init = jax.jit(_init_state, static_argnums=0, out_shardings=shardings,
                  compiler_options={"xla_backend_optimization_level": 0})

@@ -33,6 +33,7 @@ included), ``remote_rows`` (rows that leave their shard), ``overflow``, plus ``l
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from deepseek_jax.model.grouped_matmul import gather_rows
+from deepseek_jax.ops.rows import gather_rows, with_zero_row
 from deepseek_jax.parallel.mesh import BATCH_AXES, target_platform
 
 EXPERT_AXIS = "expert"
@@ -65,12 +66,45 @@ def resolve_exchange(exchange: str) -> str:
   return exchange
 
 
+@dataclasses.dataclass(frozen=True)
+class ExpertPlacement:
+  """Where each routed expert lives: ``slot_of_expert[e]`` is expert e's row in the stacked
+  expert weights as they are split over the expert axis, so shard p holds the slots
+  [p El, (p + 1) El) (El = E / P). Dispatch reads this table and nothing else to find an
+  expert's shard and its local index; the identity (today's only producer) keeps expert e on
+  shard e // El. A permutation is computed exactly (tested); redundant experts (EPLB) will
+  extend the table with replica slots without touching the MoE layer."""
+
+  slot_of_expert: tuple[int, ...]
+
+  @classmethod
+  def identity(cls, n_experts: int) -> "ExpertPlacement":
+    return cls(tuple(range(n_experts)))
+
+  def __post_init__(self):
+    if sorted(self.slot_of_expert) != list(range(len(self.slot_of_expert))):
+      raise ValueError(f"ExpertPlacement.slot_of_expert must be a permutation of "
+                       f"0..{len(self.slot_of_expert) - 1}, got {self.slot_of_expert}")
+
+  @property
+  def is_identity(self) -> bool:
+    return self.slot_of_expert == tuple(range(len(self.slot_of_expert)))
+
+  def expert_of_slot(self) -> np.ndarray:
+    """[E] the expert held in each slot (the inverse table)."""
+    return np.argsort(np.asarray(self.slot_of_expert))
+
+  def shard_of(self, n_shards: int) -> np.ndarray:
+    """[E] the expert shard that holds each expert."""
+    return np.asarray(self.slot_of_expert) // (len(self.slot_of_expert) // n_shards)
+
+
 def max_shards_per_token(n_experts: int, n_shards: int, n_groups: int, n_limited_groups: int,
-                         top_k: int) -> int:
+                         top_k: int, placement: Optional[ExpertPlacement] = None) -> int:
   """Most shards one token can be sent to: K, P, and the group limit M times the shards one
   group spans (1 when a shard holds whole groups, as V2's devices; P/G for V3's nodes)."""
-  per_shard, per_group = n_experts // n_shards, n_experts // n_groups
-  shard_of = np.arange(n_experts) // per_shard
+  per_group = n_experts // n_groups
+  shard_of = (placement or ExpertPlacement.identity(n_experts)).shard_of(n_shards)
   span = max(len(set(shard_of[g * per_group:(g + 1) * per_group])) for g in range(n_groups))
   return min(top_k, n_shards, n_limited_groups * span)
 
@@ -103,6 +137,7 @@ class ShardContext(NamedTuple):
   axis: str
   n_tokens: int  # T, tokens on each shard
   max_slots: int  # top-k slots to compute at most: R min(K, El), or ceil(f T K) with a factor
+  experts_here: jax.Array  # [El] the expert id held in each local slot (from the placement)
 
 
 class _Plan(NamedTuple):
@@ -157,15 +192,11 @@ def _plan(dest: jax.Array, sizes: BufferSizes, exchange: str, axis: str) -> _Pla
                back_off, counts, row_sent, row_slot)
 
 
-def _zero_row(x: jax.Array) -> jax.Array:
-  return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])
-
-
 def _take(x: jax.Array, src: jax.Array, inv: jax.Array) -> jax.Array:
   """Rows x[src] (zero rows where src == len(x)); floats through the gather-transposed gather."""
   if jnp.issubdtype(x.dtype, jnp.floating):
     return gather_rows(x, src, inv)
-  return _zero_row(x)[src]
+  return with_zero_row(x)[src]
 
 
 def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
@@ -175,7 +206,7 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
   n, m = operand.shape[0], output.shape[0]
   row = jnp.arange(n)
   src = jnp.where(row < send_sizes[:, None], input_offsets[:, None] + row, n)  # [P, n]
-  slabs = _zero_row(operand)[src]
+  slabs = with_zero_row(operand)[src]
   got = jax.lax.all_to_all(slabs, axis_name, 0, 0, tiled=True)  # [P, n, ...] by sender
   lands = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)
   r = jnp.arange(m)
@@ -239,20 +270,22 @@ LocalFn = Callable[..., tuple]
 
 
 def _shard_body(x, experts, slot_values, expert_params, shard_args, *, local_fn, n_experts,
-                max_shards, buffer_factor, exchange, tensor_split, reduce_axes):
+                max_shards, buffer_factor, exchange, tensor_split, reduce_axes,
+                placement: ExpertPlacement):
   """One shard: plan, dispatch, ``local_fn``, combine. Returns (y [T, D], counters)."""
   t, k = experts.shape
   p = jax.lax.axis_size(EXPERT_AXIS)
   per_shard = n_experts // p
   sizes = buffer_sizes(t, p, max_shards, buffer_factor, exchange)
-  dest = experts // per_shard
+  slot = jnp.asarray(placement.slot_of_expert, jnp.int32)[experts]  # the table, nothing else
+  dest, local_slot = slot // per_shard, slot % per_shard
   plan = _plan(dest, sizes, exchange, EXPERT_AXIS)
   move = _Exchange(plan, sizes, exchange, EXPERT_AXIS)
 
   # Per slot (t, k) that opens a row: the slot values of t's slots on the same shard.
   same = dest[:, :, None] == dest[:, None, :]  # [T, K(row), K(slot)]
   row_of_slot = plan.pos.reshape(-1, 1)
-  local_ids = jnp.where(same, (experts - dest * per_shard)[:, None, :], per_shard)
+  local_ids = jnp.where(same, local_slot[:, None, :], per_shard)
   ids = _take(local_ids.reshape(t * k, k), plan.assignment_of_row, row_of_slot)
   values = [_take(jnp.where(same, v[:, None, :], 0).reshape(t * k, k).astype(v.dtype),
                   plan.assignment_of_row, row_of_slot) for v in slot_values]
@@ -266,7 +299,10 @@ def _shard_body(x, experts, slot_values, expert_params, shard_args, *, local_fn,
   max_slots = sizes.recv * min(k, per_shard)
   if buffer_factor is not None:
     max_slots = min(max_slots, math.ceil(buffer_factor * t * k))
-  context = ShardContext(jax.lax.axis_index(EXPERT_AXIS), p, EXPERT_AXIS, t, max_slots)
+  index = jax.lax.axis_index(EXPERT_AXIS)
+  experts_here = jax.lax.dynamic_slice_in_dim(
+      jnp.asarray(placement.expert_of_slot(), jnp.int32), index * per_shard, per_shard)
+  context = ShardContext(index, p, EXPERT_AXIS, t, max_slots, experts_here)
   y_recv, counters = local_fn(x_recv, ids_recv, values_recv, expert_params, shard_args, context)
   if tensor_split:
     y_recv = jax.lax.psum(y_recv, TENSOR_AXIS)
@@ -288,7 +324,8 @@ def expert_parallel(local_fn: LocalFn, x: jax.Array, experts: jax.Array,
                     slot_values: Sequence[jax.Array], expert_params: Sequence[jax.Array],
                     hidden_dims: Sequence[int], shard_args: Sequence[jax.Array] = (), *,
                     max_shards: int, buffer_factor: Optional[float] = None,
-                    exchange: str = "auto", check_vma: bool = True):
+                    exchange: str = "auto", check_vma: bool = True,
+                    placement: Optional[ExpertPlacement] = None):
   """Run routed experts expert-parallel over the context mesh's expert axis.
 
   x [N, D] tokens and experts / slot_values [N, K] are split over the batch axes like the batch
@@ -298,16 +335,33 @@ def expert_parallel(local_fn: LocalFn, x: jax.Array, experts: jax.Array,
   (y [R, D], counters) for the rows one shard received. Returns (y [N, D], counters).
   ``check_vma=False`` turns off shard_map's varying-axes typing, which Pallas kernels (megablox,
   tokamax) do not support; autodiff then sums replicated inputs' gradients conservatively.
+  ``placement`` (default: the identity) says which expert each weight row holds; a
+  non-identity table gathers the weights into slot order first.
+
+  Raises ValueError without a context mesh whose expert axis is > 1, or when the experts do
+  not divide over it.
   """
   mesh = expert_mesh()
   if mesh is None:
-    raise ValueError("expert_parallel needs a context mesh with an expert axis > 1 "
-                     "(jax.set_mesh(mesh))")
+    raise ValueError("expert-parallel dispatch needs a context mesh with an expert axis > 1 "
+                     "(run under jax.set_mesh(mesh)), or a model built for local dispatch "
+                     "(resolve_execution(cfg) without an expert axis)")
+  if not splits_batch(x.shape[0]):
+    raise ValueError(f"expert-parallel dispatch splits the {x.shape[0]} tokens over the batch "
+                     f"axes {dict((a, mesh.shape.get(a, 1)) for a in BATCH_AXES)}, which do not "
+                     "divide them; use a batch the mesh divides, or local dispatch")
   n_experts = expert_params[0].shape[0]
   p = mesh.shape[EXPERT_AXIS]
   if n_experts % p:
     raise ValueError(f"n_routed_experts={n_experts} must be divisible by the mesh's expert axis "
                      f"({p}); change mesh.expert or the number of experts")
+  placement = placement or ExpertPlacement.identity(n_experts)
+  if len(placement.slot_of_expert) != n_experts:
+    raise ValueError(f"the expert placement covers {len(placement.slot_of_expert)} experts, the "
+                     f"layer has {n_experts}")
+  if not placement.is_identity:
+    expert_of_slot = jnp.asarray(placement.expert_of_slot())
+    expert_params = [w[expert_of_slot] for w in expert_params]
   tensor = mesh.shape.get(TENSOR_AXIS, 1)
   tensor_split = tensor > 1 and all(w.shape[d] % tensor == 0
                                     for w, d in zip(expert_params, hidden_dims))
@@ -323,7 +377,8 @@ def expert_parallel(local_fn: LocalFn, x: jax.Array, experts: jax.Array,
   body = jax.shard_map(
       lambda *a: _shard_body(*a, local_fn=local_fn, n_experts=n_experts, max_shards=max_shards,
                              buffer_factor=buffer_factor, exchange=resolve_exchange(exchange),
-                             tensor_split=tensor_split, reduce_axes=reduce_axes),
+                             tensor_split=tensor_split, reduce_axes=reduce_axes,
+                             placement=placement),
       in_specs=(batch, batch, [batch] * len(slot_values),
                 [param_spec(w, d) for w, d in zip(expert_params, hidden_dims)],
                 [batch] * len(shard_args)),

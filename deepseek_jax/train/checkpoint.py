@@ -14,41 +14,12 @@ import os
 from typing import Optional
 
 import grain
-import jax
 import orbax.checkpoint as ocp
+
+from deepseek_jax.interop.orbax_params import from_nested, to_nested
 
 # ModelConfig fields that change how the model runs, not what it computes or stores.
 EXECUTION_FIELDS = ("scan_layers", "remat_policy", "grouped_matmul", "dtype", "max_seq_len", "name")
-
-
-def _key(entry) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
-
-
-def to_nested(tree) -> dict:
-  """Any pytree -> nested dicts of its arrays, keyed by path (orbax-friendly)."""
-  nested: dict = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    node = nested
-    for entry in path[:-1]:
-      node = node.setdefault(_key(entry), {})
-    node[_key(path[-1])] = leaf
-  return nested
-
-
-def from_nested(nested: dict, like):
-  """Inverse of to_nested: rebuild a pytree shaped like ``like``."""
-  paths, treedef = jax.tree_util.tree_flatten_with_path(like)
-  leaves = []
-  for path, _ in paths:
-    node = nested
-    for entry in path:
-      node = node[_key(entry)]
-    leaves.append(node)
-  return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 class Checkpointer:

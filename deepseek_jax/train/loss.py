@@ -7,18 +7,22 @@ dict of [B, T] arrays: ``inputs``, ``targets`` (targets[i] = inputs[i + 1]), ``m
 the target counts) and optionally ``segment_ids`` / ``positions`` for packed rows and
 ``token_mask`` (1 for real input tokens) for MoE load statistics and capacity; it defaults to
 ``segment_ids > 0`` for packed rows, else to ``mask``.
+
+The train step takes its objective as an argument (``train.step.train_step(..., loss=...)``):
+any object with the ``Loss`` methods. ``PretrainLoss`` is this file's objective in that form;
+SFT, GRPO or PPO losses supply their own normalisers and metrics and reuse the step as is.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
 
 from deepseek_jax.model.mtp import mtp_targets
-
-BALANCE_TERMS = ("expert_balance", "device_balance", "comm_balance")
+from deepseek_jax.train.moe_step import BALANCE_TERMS, finish_moe_metrics, moe_metrics
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array):
@@ -83,17 +87,53 @@ def loss_fn(model, batch: dict, *, mtp_weight: Optional[jax.Array] = None,
   total = ce + mtp_total
   if stats:  # MoE layers of the main stack, then those inside MTP modules
     stats = jax.tree.map(lambda *a: jnp.concatenate(a), *stats)
+    moe = moe_metrics(stats, norm.balance)
     for term in BALANCE_TERMS:
-      metrics[term] = stats[term].sum() * norm.balance
-      total = total + metrics[term]
-    metrics["expert_load"] = stats["load"]  # [layers, E]: feed to router_bias_update
-    metrics["dropped"] = stats["dropped"].sum()
-    metrics["assignments"] = stats["assignments"].sum()
-    metrics["dropped_fraction"] = metrics["dropped"] / jnp.maximum(metrics["assignments"], 1)
-    metrics["overflow"] = stats["overflow"].sum()  # expert-parallel buffer overflow (slots)
-    for key in ("dispatch_per_token", "remote_per_token"):  # expert parallelism: rows/token
-      if key in stats:
-        metrics[key] = stats[key].mean()
+      total = total + moe[term]
+    metrics.update(moe)
   metrics["mtp_loss"] = mtp_total
   metrics["loss"] = total
   return total, metrics
+
+
+class Loss(Protocol):
+  """An objective the train step can run (``train_step(..., loss=...)``).
+
+  ``normalizers(batch, n_micro)`` is computed once on the whole global batch (token counts,
+  sequence counts, ...) and handed to every micro-batch, so per-micro-batch losses add up to
+  the full batch's loss. ``__call__(model, micro_batch, normalizers=, step=)`` returns
+  (scalar loss, metrics); its metrics must be additive over micro-batches. ``finish(metrics,
+  step=, n_micro=)`` turns the summed metrics into the reported ones (ratios, schedules).
+  """
+
+  def normalizers(self, batch: dict, n_micro: int) -> Any: ...
+
+  def __call__(self, model, batch: dict, *, normalizers: Any,
+               step: jax.Array) -> tuple[jax.Array, dict]: ...
+
+  def finish(self, metrics: dict, *, step: jax.Array, n_micro: int) -> dict: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainLoss:
+  """Next-token CE + MTP + MoE balance terms (``loss_fn``) as a ``Loss``.
+
+  ``n_mtp_modules`` sizes the MTP normalisers; ``mtp_weight`` (step -> lambda, e.g. V3's 0.3
+  then 0.1) overrides ``ModelConfig.mtp_loss_weight`` when given.
+  """
+
+  n_mtp_modules: int = 0
+  mtp_weight: Optional[Callable[[jax.Array], jax.Array]] = None
+
+  def normalizers(self, batch: dict, n_micro: int) -> Normalizers:
+    return batch_normalizers(batch, self.n_mtp_modules, n_micro)
+
+  def __call__(self, model, batch: dict, *, normalizers: Normalizers, step: jax.Array):
+    lam = None if self.mtp_weight is None else self.mtp_weight(step)
+    return loss_fn(model, batch, mtp_weight=lam, normalizers=normalizers)
+
+  def finish(self, metrics: dict, *, step: jax.Array, n_micro: int) -> dict:
+    metrics = finish_moe_metrics(metrics, n_micro)
+    if self.mtp_weight is not None:
+      metrics["mtp_weight"] = self.mtp_weight(step)
+    return metrics

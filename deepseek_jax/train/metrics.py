@@ -1,5 +1,9 @@
 """Run observability: one console line per logging step, TensorBoard events, metrics.jsonl.
 
+Throughput (tokens/s, step time, MFU) covers training steps only: the window that contains the
+first, compiling step reports its compile time instead, and time spent in evaluation or
+checkpoint saves (``MetricsLogger.paused``) is left out of its window.
+
 MFU = achieved model FLOP/s / (devices x peak FLOP/s). Model FLOPs per token come from
 ``analytics.train_flops_per_token`` (6N-style, activated parameters, causal attention, MTP);
 the peak comes from a table of accelerators (dense bf16), or on CPU from a float32 matmul probe
@@ -8,6 +12,7 @@ measured at startup (reported as such).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -91,7 +96,9 @@ def _fmt_time(seconds: float) -> str:
 
 
 class MetricsLogger:
-  """Writes on process 0 only; every process may call it."""
+  """metrics.jsonl, TensorBoard events and the console line. Writes on process 0 only; every
+  process may call it. Call ``compiled`` after the first (compiling) step and wrap evaluation
+  and checkpoint saves in ``paused`` so tokens/s and MFU measure training steps alone."""
 
   def __init__(self, workdir: str, *, total_steps: int, tokens_per_step: int,
                flops_per_token: float, n_devices: int, peak_flops: float, tensorboard: bool,
@@ -103,6 +110,8 @@ class MetricsLogger:
     self.peak_total = peak_flops * n_devices
     self.last_step, self.last_time = resume_step, time.perf_counter()
     self.start_step, self.start_time = resume_step, self.last_time
+    self.paused_seconds = 0.0  # of the current window
+    self.compile_seconds = None  # reported once, by the first record after ``compiled``
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.writer = None
     if self.main:
@@ -112,10 +121,24 @@ class MetricsLogger:
         from tensorboardX import SummaryWriter
         self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
-  def restart_clock(self, step: int) -> None:
-    """Measure throughput from ``step`` on (after the first, compiling step)."""
-    self.last_step, self.last_time = step, time.perf_counter()
-    self.start_step, self.start_time = step, self.last_time
+  def compiled(self, step: int) -> float:
+    """Step ``step`` (finished: its results are ready) included compilation: measure
+    throughput from here on, and report the compile time in the next record instead of a
+    throughput for the window that held it. Returns the seconds since the window began."""
+    now = time.perf_counter()
+    self.compile_seconds = now - self.last_time - self.paused_seconds
+    self.last_step, self.last_time, self.paused_seconds = step, now, 0.0
+    self.start_step, self.start_time = step, now
+    return self.compile_seconds
+
+  @contextlib.contextmanager
+  def paused(self):
+    """Time spent inside (evaluation, checkpoint saves) is not training-step time."""
+    begin = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.paused_seconds += time.perf_counter() - begin
 
   def _truncate_after(self, step: int) -> None:
     """A resumed run rewrites the steps after its checkpoint: drop their old records. A line
@@ -138,17 +161,21 @@ class MetricsLogger:
   def log(self, step: int, metrics: dict) -> dict:
     """``metrics``: host values of one step's metrics. Returns the record written."""
     now = time.perf_counter()
-    steps = max(step - self.last_step, 1)
-    step_time = (now - self.last_time) / steps
-    self.last_step, self.last_time = step, now
-    tokens_per_s = self.tokens_per_step / step_time
+    steps = step - self.last_step
     record = {"step": step}
     for key, value in metrics.items():
       if np.ndim(value) == 0:
         record[key] = float(value)
-    record.update(step_time=step_time, tokens_per_s=tokens_per_s)
-    if self.peak_total > 0:
-      record["mfu"] = tokens_per_s * self.flops_per_token / self.peak_total
+    if steps > 0:  # 0: the window held only the compiling step (its record has compile_time)
+      step_time = max(now - self.last_time - self.paused_seconds, 1e-9) / steps
+      tokens_per_s = self.tokens_per_step / step_time
+      record.update(step_time=step_time, tokens_per_s=tokens_per_s)
+      if self.peak_total > 0:
+        record["mfu"] = tokens_per_s * self.flops_per_token / self.peak_total
+    if self.compile_seconds is not None:
+      record["compile_time"] = self.compile_seconds
+      self.compile_seconds = None
+    self.last_step, self.last_time, self.paused_seconds = step, now, 0.0
     if "expert_load" in metrics:
       load = expert_load_stats(metrics["expert_load"])
       record["moe_load_max_over_mean"] = float(load["max_over_mean"].max())
@@ -192,7 +219,10 @@ class MetricsLogger:
     parts.append(f"gnorm {r['grad_norm']:.2f}")
     if "learning_rate" in r:
       parts.append(f"lr {r['learning_rate']:.2e}")
-    parts.append(f"{r['tokens_per_s']:,.0f} tok/s {r['step_time']:.2f} s/step")
+    if "tokens_per_s" in r:
+      parts.append(f"{r['tokens_per_s']:,.0f} tok/s {r['step_time']:.2f} s/step")
+    else:
+      parts.append(f"compiled in {r['compile_time']:.1f} s")
     if "mfu" in r:
       parts.append(f"MFU {100 * r['mfu']:.1f}%")
     parts.append(f"eta {_fmt_time(eta)}")

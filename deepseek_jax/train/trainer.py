@@ -12,13 +12,11 @@ its parameters and loss curve are bitwise those of an uninterrupted run.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import functools
 import math
 import os
 import signal
-import sys
 from typing import Any, Optional
 
 import jax
@@ -29,92 +27,26 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from deepseek_jax import analytics
+from deepseek_jax.cli import RunError, check_cpu_devices, set_cpu_devices
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.inference.generate import SamplingConfig, generate
+from deepseek_jax.model.execution import Execution, resolve_execution, set_execution
+from deepseek_jax.model.transformer import abstract_model
 from deepseek_jax.parallel.mesh import batch_shards, make_mesh, under_mesh
-from deepseek_jax.parallel.partitioning import batch_sharding, get_rules
+from deepseek_jax.parallel.partitioning import (batch_sharding, get_rules, replicated_dims,
+                                                replication_summary)
 from deepseek_jax.train import config as config_lib
 from deepseek_jax.train import data as data_lib
 from deepseek_jax.train.checkpoint import Checkpointer, check_compatible, config_record
-from deepseek_jax.train.loss import loss_fn
+from deepseek_jax.train.loss import PretrainLoss, loss_fn
 from deepseek_jax.train.metrics import MetricsLogger, device_peak_flops, say
 from deepseek_jax.train.optimizer import lr_schedule, make_optimizer, piecewise_constant
 from deepseek_jax.train.step import (StepOptions, TrainState, abstract_train_state,
                                      init_train_state, jit_train_step)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunError):
   """The loss or gradient norm became NaN/Inf."""
-
-
-# XLA:CPU's YNNPACK fusions run our training step ~20% slower (small preset, 2-core EPYC,
-# jax 0.10.2 and 0.11.2); the flag only affects the CPU backend.
-CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
-
-
-def set_cpu_xla_flags() -> None:
-  """Append CPU_XLA_FLAGS to XLA_FLAGS (before the first JAX computation); a flag the user
-  already set wins."""
-  current = os.environ.get("XLA_FLAGS", "")
-  extra = [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in current]
-  os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
-
-
-def set_cpu_devices(n: int) -> None:
-  """Ask XLA:CPU for ``n`` host devices (before the first JAX computation; 0 = leave it)."""
-  if n <= 0:
-    return
-  flag = "--xla_force_host_platform_device_count"
-  current = os.environ.get("XLA_FLAGS", "")
-  if flag in current:
-    if f"{flag}={n}" not in current.split():
-      raise ValueError(f"config.cpu_devices={n} conflicts with {flag} in XLA_FLAGS="
-                       f"{current!r}; remove one of them")
-    return
-  os.environ["XLA_FLAGS"] = f"{current} {flag}={n}".strip()
-
-
-def check_cpu_devices(n: int) -> None:
-  if n > 0 and jax.default_backend() == "cpu" and jax.device_count() != n * jax.process_count():
-    raise ValueError(f"config.cpu_devices={n} but JAX started with {jax.device_count()} CPU "
-                     "devices: it was initialised before the config was read; set XLA_FLAGS="
-                     f"--xla_force_host_platform_device_count={n} in the environment instead")
-
-
-def parse_flags(argv):
-  """absl's flag parser for the entry points (``app.run(main, flags_parser=parse_flags)``): a
-  misspelt ``--config.a.b`` raises deep inside ml_collections; report it in one line."""
-  from absl import app
-  try:
-    return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as e:
-    detail = str(e.args[0] if e.args else e)
-    for _ in range(2):  # ml_collections nests repr()s of the KeyError message
-      try:
-        detail = str(ast.literal_eval(detail))
-      except (ValueError, SyntaxError):
-        break
-    detail = detail.replace("\n", "; ")
-    print(f"error: unknown config field in a --config.* override: {detail}; the fields are in "
-          "deepseek_jax/train/config.py:default_config", file=sys.stderr, flush=True)
-    sys.exit(1)
-
-
-def run_cli(fn, *args, **kwargs):
-  """Run an entry point: bad input (config, checkpoint, data) and divergence end the process
-  with ``error: <what and how to fix it>`` on stderr instead of a traceback."""
-  import logging
-  set_cpu_xla_flags()
-  from absl import flags, logging as absl_logging
-  if flags.FLAGS.is_parsed() and not flags.FLAGS["verbosity"].present:
-    # Library INFO logs (orbax writes ~50 lines per checkpoint) off; --verbosity=0 turns them on.
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger().setLevel(logging.WARNING)
-  try:
-    return fn(*args, **kwargs)
-  except (ValueError, FileNotFoundError, FileExistsError, TrainingDiverged) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
 
 
 def setup_distributed(cfg) -> None:
@@ -136,12 +68,16 @@ def setup_distributed(cfg) -> None:
 
 @dataclasses.dataclass
 class Setup:
+  """What a run decided before compiling anything: the validated configs, the mesh and its
+  sharding rules, the execution choices (kernels, MoE dispatch), tokenizer and optimizer."""
+
   config: Any
   model_cfg: ModelConfig
   mesh: Mesh
   rules: Any
   tokenizer: Any
   tx: optax.GradientTransformation
+  execution: Execution
 
 
 def start_setup(config) -> Setup:
@@ -163,7 +99,22 @@ def build_setup(config) -> Setup:
     raise ValueError(f"config.data.tokenizer has {tokenizer.vocab_size} ids but the model's "
                      f"vocab_size is {model_cfg.vocab_size}; raise "
                      f"config.model.overrides.vocab_size")
-  return Setup(config, model_cfg, mesh, rules, tokenizer, make_optimizer(_optimizer_cfg(config)))
+  return Setup(config, model_cfg, mesh, rules, tokenizer, make_optimizer(_optimizer_cfg(config)),
+               resolve_execution(model_cfg, mesh))
+
+
+def startup_report(setup: Setup) -> list[str]:
+  """The lines a run prints before compiling: where it runs, how (the execution choices, said
+  once), and every weight dimension that stays whole because its mesh axes do not divide it."""
+  c, mesh = setup.config, setup.mesh
+  lines = [f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
+           f"device(s), {jax.process_count()} process(es); rules {c.partitioning.rules!r}",
+           f"execution {setup.execution.summary()}"]
+  replicated = replication_summary(replicated_dims(
+      nnx.state(abstract_model(setup.model_cfg), nnx.Param), mesh, setup.rules))
+  if replicated:
+    lines.append(f"sharding: {replicated}")
+  return lines
 
 
 def _optimizer_cfg(config):
@@ -200,7 +151,7 @@ def restore_or_init(setup: Setup, ckpt: Checkpointer, data_iter):
   latest = ckpt.latest_step()
   if latest is None:
     graphdef, state, shardings = init_train_state(setup.model_cfg, setup.tx, setup.mesh,
-                                                  setup.rules, setup.config.seed)
+                                                  setup.rules, setup.config.seed, setup.execution)
     return graphdef, state, shardings, 0
   return (*_restore(setup, ckpt, latest, data_iter), latest)
 
@@ -210,7 +161,7 @@ def _restore(setup: Setup, ckpt: Checkpointer, step: int, data_iter=None):
   check_compatible(ckpt.saved_config(step), config_record(setup.config, setup.model_cfg),
                    ckpt.directory)
   graphdef, shardings, abstract = abstract_train_state(setup.model_cfg, setup.tx, setup.mesh,
-                                                       setup.rules)
+                                                       setup.rules, setup.execution)
   return graphdef, ckpt.restore(step, abstract, data_iter), shardings
 
 
@@ -252,18 +203,19 @@ def train(config, workdir: str) -> dict:
   setup = start_setup(config)
   c, mesh = config, setup.mesh
   say(f"model {setup.model_cfg.name}: {analytics.summary(setup.model_cfg, c.train.seq_len)}")
-  say(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s), "
-      f"{jax.process_count()} process(es); rules {c.partitioning.rules!r}; workdir {workdir}")
+  for line in startup_report(setup):
+    say(line)
+  say(f"workdir {workdir}")
   data_iter = iter(make_data(setup))
   ckpt = _checkpointer(setup, workdir)
   graphdef, state, shardings, start = restore_or_init(setup, ckpt, data_iter)
   if start:
     say(f"resumed from step {start} ({ckpt.directory})")
   options = StepOptions(grad_accum=c.train.grad_accum, lr_schedule=lr_schedule(_optimizer_cfg(c)),
-                        mtp_weight=piecewise_constant(c.train.mtp_weight),
                         router_bias_rate=piecewise_constant(c.train.router_bias_rate))
+  loss = PretrainLoss(setup.model_cfg.n_mtp_modules, piecewise_constant(c.train.mtp_weight))
   step_fn = jit_train_step(setup.model_cfg, graphdef, setup.tx, options, shardings, mesh,
-                           setup.rules)
+                           setup.rules, loss)
   peak, peak_source = device_peak_flops(c.metrics.peak_flops_per_device)
   say(f"MFU peak: {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
   logger = MetricsLogger(workdir, total_steps=c.train.steps,
@@ -279,10 +231,8 @@ def train(config, workdir: str) -> dict:
     for step in range(start + 1, c.train.steps + 1):
       state, metrics = step_fn(state, global_batch(setup, next(data_iter)))
       if step == start + 1:  # keep compile time out of the throughput numbers
-        compile_start = logger.last_time
         jax.block_until_ready(metrics)
-        logger.restart_clock(step)
-        say(f"step {step} (including compilation) took {logger.last_time - compile_start:.1f} s")
+        say(f"step {step} (including compilation) took {logger.compiled(step):.1f} s")
       last = step == c.train.steps
       due_save = step % c.checkpoint.every == 0 or last
       stop = preemption.reached(step)
@@ -302,9 +252,11 @@ def train(config, workdir: str) -> dict:
               f"the expert-parallel receive buffers and were left out; raise "
               f"config.model.overrides.expert_buffer_factor, or leave it unset (worst case)")
       if c.train.eval_every and step % c.train.eval_every == 0:
-        say(f"eval at step {step}: {_evaluate_state(setup, graphdef, state)}")
+        with logger.paused():
+          say(f"eval at step {step}: {_evaluate_state(setup, graphdef, state)}")
       if due_save or stop:
-        ckpt.save(step, state, data_iter, record_cfg, force=True)
+        with logger.paused():
+          ckpt.save(step, state, data_iter, record_cfg, force=True)
       if stop:
         ckpt.wait()
         say(f"SIGTERM: saved step {step} to {ckpt.directory}; stopping (rerun to resume)")
@@ -359,6 +311,8 @@ def _sample_state(setup: Setup, graphdef, state: TrainState, prompts=None) -> li
   c, tok = setup.config, setup.tokenizer
   prompts = list(prompts or c.sample.prompts)
   model = nnx.merge(graphdef, state.params, state.model_state)
+  # Few short rows: local MoE dispatch (no expert-parallel split of a handful of tokens).
+  set_execution(model, resolve_execution(setup.model_cfg, setup.mesh, expert_parallel=False))
   bos = [tok.bos_id] if tok.bos_id is not None else []
   encoded = [bos + tok.encode(p) for p in prompts]
   out = generate(model, encoded, max_new_tokens=c.sample.max_new_tokens,

@@ -153,11 +153,11 @@ def test_capacity_drops_lowest_affinity_first_on_each_device():
 
 
 def _moe(capacity_factor=None, routing=V3_SPEC, n_shared=1, impl="auto", seed=0):
-  return M.MoE(16, 16, n_shared, 8, routing=routing, router_bias=True,
-               capacity_factor=capacity_factor, balance_scope="sequence",
-               expert_balance_coef=1e-2, device_balance_coef=1e-2, comm_balance_coef=1e-2,
-               grouped_matmul_impl=impl, init_std=0.3, dtype="float32", param_dtype="float32",
-               rngs=nnx.Rngs(seed))
+  return M.MoE(16, M.ExpertSpec(16, n_shared, 8), routing=routing,
+               balance=M.BalanceSpec(router_bias=True, scope="sequence", expert_coef=1e-2,
+                                     device_coef=1e-2, comm_coef=1e-2),
+               dispatch=M.DispatchSpec(capacity_factor=capacity_factor, grouped_matmul=impl),
+               init_std=0.3, dtype="float32", param_dtype="float32", rngs=nnx.Rngs(seed))
 
 
 def _oracle_forward(layer, x, mask):

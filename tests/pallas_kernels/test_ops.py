@@ -15,6 +15,7 @@ from flax import nnx
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.inference.generate import generate
+from deepseek_jax.model.execution import resolve_execution, set_execution
 from deepseek_jax.model.transformer import create_model, init_cache
 from deepseek_jax.parallel.mesh import make_mesh
 from pallas_kernels.flash_attention import ops as flash_ops
@@ -208,8 +209,8 @@ def test_model_picks_the_tpu_kernels_when_compiled_for_a_tpu_mesh(tpu_devices):
 
 def _compile_model_for_tpu(tpu_devices):
   model = _model("auto", dtype="bfloat16")
-  graphdef, state = nnx.split(model)
   mesh = make_mesh({"data": 2, "tensor": 2}, tpu_devices)
+  graphdef, state = nnx.split(set_execution(model, resolve_execution(model.config, mesh)))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   tokens = jax.ShapeDtypeStruct((4, 256), jnp.int32, sharding=replicated)
   step = jax.jit(_split_loss_and_grads, static_argnums=0)
@@ -219,6 +220,7 @@ def _compile_model_for_tpu(tpu_devices):
     assert kernel in train.as_text()
 
   chip = make_mesh({}, tpu_devices[:1])
+  graphdef, state = nnx.split(set_execution(model, resolve_execution(model.config, chip)))
   one = jax.sharding.NamedSharding(chip, jax.sharding.PartitionSpec())
   cache = _abstract(init_cache(model.config, 4, 1024), one)
   decode = jax.jit(lambda state, cache, tok, index: nnx.merge(graphdef, state)(

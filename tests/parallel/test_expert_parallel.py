@@ -7,6 +7,7 @@ semantics, emulated on CPU).
 """
 
 import collections
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -34,11 +35,12 @@ MESHES = {"ep2_data4": {"expert": 2, "data": 4}, "ep4_fsdp2": {"expert": 4, "fsd
 
 def _layer(routing=V3, capacity_factor=None, exchange="padded", buffer_factor=None, load=None,
            impl="auto"):
-  layer = M.MoE(D, N_EXPERTS, 1, 8, routing=routing, router_bias=True,
-                capacity_factor=capacity_factor, balance_scope="batch", expert_balance_coef=1e-2,
-                device_balance_coef=1e-2, comm_balance_coef=1e-2, grouped_matmul_impl=impl,
-                init_std=0.3, dtype="float32", param_dtype="float32", rngs=nnx.Rngs(0),
-                expert_exchange=exchange, expert_buffer_factor=buffer_factor)
+  layer = M.MoE(D, M.ExpertSpec(N_EXPERTS, 1, 8), routing=routing,
+                balance=M.BalanceSpec(router_bias=True, scope="batch", expert_coef=1e-2,
+                                      device_coef=1e-2, comm_coef=1e-2),
+                dispatch=M.DispatchSpec(capacity_factor=capacity_factor, grouped_matmul=impl,
+                                        exchange=exchange, buffer_factor=buffer_factor),
+                init_std=0.3, dtype="float32", param_dtype="float32", rngs=nnx.Rngs(0))
   if load == "one_expert_gets_all":  # every token picks expert 5: one shard receives everything
     layer.router_bias[...] = jnp.zeros(N_EXPERTS).at[5].set(100.0)
   elif load == "empty_experts":  # only experts 0-3 are ever chosen; most shards get nothing
@@ -67,11 +69,22 @@ def _step(layer):
   return lambda x, mask: step(params, x, mask)
 
 
+def _expert_parallel(layer):
+  """A copy of the layer with expert-parallel dispatch (chosen explicitly, as the model's
+  execution does for a mesh whose expert axis is > 1)."""
+  layer = nnx.clone(layer)
+  layer.dispatch = dataclasses.replace(layer.dispatch, mode="expert_parallel")
+  return layer
+
+
 def _run(layer, x, mask, mesh_shape=None):
-  """(y, stats, grads), compiled, optionally under a mesh."""
+  """(y, stats, grads), compiled, optionally under a mesh (expert-parallel if it has an expert
+  axis)."""
   if mesh_shape is None:
     (_, (y, stats)), grads = _step(layer)(x, mask)
   else:
+    if mesh_shape.get("expert", 1) > 1:
+      layer = _expert_parallel(layer)
     with jax.set_mesh(make_mesh(mesh_shape)):
       (_, (y, stats)), grads = _step(layer)(x, mask)
   return y, stats, grads
@@ -246,10 +259,8 @@ def test_capacity_mode_needs_groups_on_single_shards():
 
 
 def test_expert_count_must_divide_over_the_expert_axis():
-  layer = M.MoE(D, 12, 0, 8, routing=FREE, router_bias=False, capacity_factor=None,
-                balance_scope="batch", expert_balance_coef=0.0, device_balance_coef=0.0,
-                comm_balance_coef=0.0, grouped_matmul_impl="auto", init_std=0.3,
-                dtype="float32", param_dtype="float32", rngs=nnx.Rngs(0))
+  layer = M.MoE(D, M.ExpertSpec(12, 0, 8), routing=FREE, balance=M.BalanceSpec(scope="batch"),
+                init_std=0.3, dtype="float32", param_dtype="float32", rngs=nnx.Rngs(0))
   x, mask = _inputs()
   with pytest.raises(ValueError, match="n_routed_experts=12 must be divisible by the mesh's "
                                        "expert axis \\(8\\)"):
@@ -282,3 +293,37 @@ def test_no_expert_axis_runs_the_single_device_path():
   _assert_close(y, _run(layer, x, mask)[0])
   counts = collections.Counter(EP.resolve_exchange(e) for e in ("auto", "padded"))
   assert counts == {"padded": 2}  # CPU: XLA:CPU has no ragged_all_to_all
+
+
+@pytest.mark.parametrize("routing,capacity_factor,exchange", [(V3, None, "padded"),
+                                                              (V2, 1.0, "ragged")],
+                         ids=["v3-dropless-padded", "v2-cf1.0-ragged"])
+def test_dispatch_reads_the_expert_placement_table(routing, capacity_factor, exchange):
+  """A permuted expert -> shard table computes exactly what the identity does (outputs,
+  gradients in the original expert order, drops), and really moves the experts: the rows
+  each shard receives change."""
+  layer = _layer(routing, capacity_factor, exchange)
+  x, mask = _inputs()
+  rng = np.random.default_rng(0)
+  if capacity_factor is None:
+    permutation = tuple(int(i) for i in rng.permutation(N_EXPERTS))
+  else:  # V2 capacity treats a group as a device: move whole groups (2 experts each)
+    slots = np.arange(N_EXPERTS).reshape(8, 2)[rng.permutation(8)][:, ::-1]
+    permutation = tuple(int(i) for i in np.argsort(slots.reshape(-1)))
+  placed = nnx.clone(layer)
+  placed.dispatch = dataclasses.replace(placed.dispatch,
+                                        placement=EP.ExpertPlacement(permutation))
+  y_ref, stats_ref, grads_ref = _run(layer, x, mask, MESHES["ep4_fsdp2"])
+  y, stats, grads = _run(placed, x, mask, MESHES["ep4_fsdp2"])
+  _assert_close(y, y_ref)
+  _assert_close(grads, grads_ref, atol=5e-5)
+  assert float(stats["dropped"]) == float(stats_ref["dropped"])
+  assert EP.ExpertPlacement(permutation).shard_of(4).tolist() != (np.arange(N_EXPERTS) // 4).tolist()
+  with pytest.raises(ValueError, match="permutation"):
+    EP.ExpertPlacement((0, 0, 1, 2))
+  if capacity_factor is not None:  # a group split over two shards cannot be one V2 device
+    split = nnx.clone(layer)
+    split.dispatch = dataclasses.replace(split.dispatch, placement=EP.ExpertPlacement(
+        tuple(range(1, N_EXPERTS)) + (0,)))
+    with pytest.raises(ValueError, match="place each group's experts together"):
+      _run(split, x, mask, MESHES["ep4_fsdp2"])

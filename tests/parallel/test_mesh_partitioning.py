@@ -66,3 +66,39 @@ def test_every_parameter_of_the_model_gets_a_sharding(rules):
   # stacked layers lead, then experts / d_model / expert hidden
   assert experts == (P(None, "expert", "fsdp", None) if rules == "fsdp" else
                      P(None, "expert", None, None) if rules == "tensor" else P(None, None, None, None))
+
+
+def test_params_carry_flax_sharding_metadata_that_get_partition_spec_reads():
+  """RL libraries reshard policy / reference models with nnx.get_partition_spec; with our rules
+  as Flax logical-axis rules it gives the specs the train step uses."""
+  cfg = ModelConfig.preset("tiny")
+  params = nnx.state(abstract_model(cfg), nnx.Param)
+  logical = nnx.get_partition_spec(params)
+  spec = dict(nnx.to_flat_state(logical))
+  assert spec[("moe_layers", "ffn", "w_gate")].get_value() == P("layers", "expert", "embed",
+                                                                "expert_mlp")
+  assert spec[("embed", "embedding")].get_value() == P("vocab", "embed")
+  from deepseek_jax.parallel.partitioning import axis_rules
+  mesh = make_mesh(dict(fsdp=2, expert=2, tensor=2))  # divides every tiny dim
+  with nnx.logical_axis_rules(axis_rules("fsdp")):
+    flax_specs = dict(nnx.to_flat_state(nnx.get_partition_spec(params)))
+  ours = dict(nnx.to_flat_state(state_shardings(params, mesh, get_rules("fsdp"))))
+  for path, sharding in ours.items():
+    assert flax_specs[path].get_value() == sharding.get_value().spec, path
+
+
+def test_dims_the_mesh_does_not_divide_are_listed_and_summarised_in_one_line():
+  from deepseek_jax.parallel.partitioning import replicated_dims, replication_summary
+  cfg = ModelConfig.preset("tiny")
+  params = nnx.state(abstract_model(cfg), nnx.Param)
+  mesh = make_mesh(dict(fsdp=1, tensor=8))
+  found = replicated_dims(params, mesh, get_rules("fsdp"))
+  names = {r.name for r in found}
+  # tiny: 4 heads and 8 experts' 32-wide FFN split 8 ways would not all divide
+  assert "dense_layers.attention.wo" in names and "moe_layers.ffn.w_gate" not in names
+  assert all(r.mesh_axes == ("tensor",) and r.size % 8 for r in found)
+  line = replication_summary(found)
+  assert line.startswith(f"{len(names)} weight(s) keep {len(found)} dim(s) whole")
+  assert "\n" not in line and "tensor=8" in line
+  assert replication_summary(replicated_dims(params, make_mesh(dict(fsdp=8)),
+                                             get_rules("fsdp"))) is None

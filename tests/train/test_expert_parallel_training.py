@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from deepseek_jax.train.trainer import set_cpu_devices
+from deepseek_jax.cli import set_cpu_devices
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 

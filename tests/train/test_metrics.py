@@ -23,3 +23,59 @@ def test_expert_load_stats():
   np.testing.assert_allclose(stats["max_over_mean"], [1.0, 4.0])
   np.testing.assert_allclose(stats["min_over_mean"], [1.0, 0.0])
   np.testing.assert_allclose(stats["entropy"], [1.0, 0.0], atol=1e-12)
+
+
+def _logger(tmp_path, **kw):
+  return MetricsLogger(str(tmp_path), total_steps=50, tokens_per_step=1000, flops_per_token=1.0,
+                       n_devices=1, peak_flops=1e6, tensorboard=False, **kw)
+
+
+_M = {"loss": 1.0, "ce": 1.0, "grad_norm": 1.0}
+
+
+class _Clock:
+  """A settable perf_counter."""
+
+  def __init__(self, monkeypatch):
+    self.now = 0.0
+    monkeypatch.setattr("deepseek_jax.train.metrics.time.perf_counter", lambda: self.now)
+
+
+def test_the_window_holding_compilation_reports_compile_time_not_throughput(tmp_path, monkeypatch):
+  clock = _Clock(monkeypatch)
+  logger = _logger(tmp_path)
+  clock.now = 30.0
+  assert logger.compiled(1) == 30.0  # step 1 finished 30 s after the clock started
+  first = logger.log(1, _M)  # log_every=1: a window holding only the compiling step
+  assert first["compile_time"] == 30.0
+  assert "tokens_per_s" not in first and "mfu" not in first and "step_time" not in first
+  assert "compiled in 30.0 s" in logger.console_line(first)
+  clock.now = 32.0
+  second = logger.log(3, _M)  # steps 2-3 took 30 -> 32 s: 1 s each
+  assert second["step_time"] == 1.0 and second["tokens_per_s"] == 1000.0
+  assert "compile_time" not in second
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert "tokens_per_s" not in lines[0] and lines[1]["tokens_per_s"] == 1000.0
+
+
+def test_the_first_record_after_compiling_measures_only_later_steps(tmp_path, monkeypatch):
+  clock = _Clock(monkeypatch)
+  logger = _logger(tmp_path)
+  clock.now = 20.0
+  logger.compiled(1)
+  clock.now = 29.0
+  record = logger.log(10, _M)  # steps 2..10: 9 s
+  assert record["step_time"] == 1.0 and record["compile_time"] == 20.0
+
+
+def test_time_paused_for_evaluation_or_saving_is_left_out(tmp_path, monkeypatch):
+  clock = _Clock(monkeypatch)
+  logger = _logger(tmp_path)
+  clock.now = 10.0
+  logger.compiled(1)
+  clock.now = 12.0
+  with logger.paused():  # 12 -> 22: an evaluation
+    clock.now = 22.0
+  clock.now = 24.0
+  record = logger.log(3, _M)  # 14 s elapsed, 10 paused, 2 steps
+  assert record["step_time"] == 2.0

@@ -140,7 +140,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 
 
 def test_cpu_xla_flags_are_appended_but_a_users_setting_wins(monkeypatch):
-  from deepseek_jax.train.trainer import CPU_XLA_FLAGS, set_cpu_xla_flags
+  from deepseek_jax.cli import CPU_XLA_FLAGS, set_cpu_xla_flags
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
   set_cpu_xla_flags()
   assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2",

@@ -33,14 +33,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 from jax.experimental.pallas.ops.tpu import megablox
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax.parallel.mesh import target_platform
+from deepseek_jax.ops.rows import gather_rows
+from pallas_kernels.platform import target_platform
 
 IMPLS = ("tiled", "ragged_dot", "megablox", "tokamax")
 
@@ -71,34 +72,6 @@ def tile_layout(group_sizes: jax.Array, m: int, n_groups: int, tile: int) -> Til
   group = jnp.minimum(group, n_groups - 1)
   slot = pad_starts[group] + row - starts[group]
   return TileLayout(rows, jnp.where(valid, slot, 0), valid, slot_group[::tile])
-
-
-def _zero_row(x: jax.Array) -> jax.Array:
-  return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])
-
-
-@jax.custom_vjp
-def gather_rows(x: jax.Array, src: jax.Array, inv: jax.Array) -> jax.Array:
-  """out[i] = x[src[i]], a zero row where src[i] == len(x).
-
-  ``inv`` [len(x), k] lists, for each row j of x, the k output rows that read it (len(out) for
-  none), so the transpose is a gather too: dx[j] = sum_k dout[inv[j, k]]. Autodiff would
-  transpose the gather into a scatter-add, which XLA:CPU runs as a slow loop.
-  """
-  return _zero_row(x)[src]
-
-
-def _gather_rows_fwd(x, src, inv):
-  return gather_rows(x, src, inv), (src, inv)
-
-
-def _gather_rows_bwd(residuals, dout):
-  src, inv = residuals
-  dx = _zero_row(dout)[inv].sum(1)
-  return dx, np.zeros(src.shape, jax.dtypes.float0), np.zeros(inv.shape, jax.dtypes.float0)
-
-
-gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
 @jax.custom_vjp
@@ -218,13 +191,17 @@ def partitioned_by_xla() -> bool:
                                 for axis, size in mesh.shape.items())
 
 
-def resolve_impl(impl: str) -> str:
+def resolve_impl(impl: str, platform: Optional[str] = None,
+                 partitioned: Optional[bool] = None) -> str:
   """The implementation ``impl`` names; "auto" is megablox on TPU, tokamax on GPU (ragged_dot
   without it), tiled on CPU; ragged_dot where XLA partitions the call (no expert parallelism
-  on a multi-device mesh)."""
+  on a multi-device mesh). ``platform`` and ``partitioned`` default to the compilation context
+  (``target_platform()``, ``partitioned_by_xla()``); the model resolves its choice once, with
+  them given (``model.execution``). Raises ValueError for an unknown name."""
   if impl == "auto":
-    backend = target_platform()
-    if backend in ("tpu", "gpu") and partitioned_by_xla():
+    backend = target_platform() if platform is None else platform
+    partitioned = partitioned_by_xla() if partitioned is None else partitioned
+    if backend in ("tpu", "gpu") and partitioned:
       return "ragged_dot"
     if backend == "tpu":
       return "megablox"

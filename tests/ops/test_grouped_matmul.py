@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from deepseek_jax import config
-from deepseek_jax.model import grouped_matmul as gm
-from deepseek_jax.model.grouped_matmul import grouped_matmul
+from deepseek_jax.ops import grouped_matmul as gm
+from deepseek_jax.ops.grouped_matmul import grouped_matmul
 
 HAS_TOKAMAX = importlib.util.find_spec("tokamax") is not None
 # Every implementation that runs on CPU: megablox in Pallas interpret mode, tokamax via XLA.
@@ -122,7 +122,7 @@ def test_config_accepts_exactly_the_implemented_names():
 
 
 def test_gather_rows_gradient_is_the_scatter_add_autodiff_would_give():
-  from deepseek_jax.model.grouped_matmul import gather_rows
+  from deepseek_jax.ops.rows import gather_rows
   # 3 source rows, 5 output rows: row 0 read twice, row 2 never, two outputs read the zero row.
   x = jax.random.normal(jax.random.key(2), (3, 4))
   src = jnp.array([0, 3, 1, 0, 3])

@@ -1,0 +1,118 @@
+"""How a model runs, decided once: kernels or XLA, local or expert-parallel MoE dispatch.
+
+None of these choices changes the function computed (up to float rounding, and an
+expert-parallel receive buffer that overflows, which is counted). They depend on the platform
+being compiled for and on the mesh, so ``resolve_execution`` decides them once, from the
+config and the mesh it is given, and the model's layers hold the result as plain fields:
+nothing inside a layer's ``__call__`` looks at the ambient mesh to choose an algorithm. The
+trainer prints ``Execution.summary()`` once at start-up; ``set_execution`` switches a built
+model (e.g. a training model used for sampling on one device).
+
+    execution = resolve_execution(cfg, mesh)            # mesh=None: the default device
+    model = create_model(cfg, execution=execution)
+    print(execution.summary())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from flax import nnx
+from jax.sharding import Mesh
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.model.attention import GroupedQueryAttention
+from deepseek_jax.model.mla import MultiHeadLatentAttention
+from deepseek_jax.model.moe import MoE
+from deepseek_jax.ops.grouped_matmul import resolve_impl
+from deepseek_jax.parallel.expert_parallel import ExpertPlacement, resolve_exchange
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+  """The resolved execution choices of a model (all hashable, static).
+
+  platform: what the program is compiled for ("cpu" | "gpu" | "tpu").
+  attention: "xla" | "pallas" for attention without a cache (training, packed prefill).
+  decode_attention: "xla" | "pallas" for decoding 1-2 tokens per row over the latent cache.
+  moe_dispatch: "local" | "expert_parallel" (the mesh's expert axis > 1).
+  grouped_matmul: "tiled" | "ragged_dot" | "megablox" | "tokamax" (the routed experts).
+  expert_exchange: "ragged" | "padded" (expert-parallel all-to-all).
+  expert_placement: expert -> shard table (None = identity).
+  """
+
+  platform: str
+  attention: str
+  decode_attention: str
+  moe_dispatch: str
+  grouped_matmul: str
+  expert_exchange: str
+  expert_placement: Optional[ExpertPlacement] = None
+
+  def summary(self) -> str:
+    """One line for the start-up log."""
+    moe = self.moe_dispatch
+    if moe == "expert_parallel":
+      moe += f" ({self.expert_exchange} exchange)"
+    return (f"{self.platform}: attention {self.attention}, decode {self.decode_attention}, "
+            f"MoE {moe}, grouped matmul {self.grouped_matmul}")
+
+
+def _platform(mesh: Optional[Mesh]) -> str:
+  if mesh is not None:
+    return mesh.devices.flat[0].platform
+  import jax
+  return jax.default_backend()
+
+
+def resolve_execution(cfg: ModelConfig, mesh: Optional[Mesh] = None, *,
+                      expert_parallel: Optional[bool] = None) -> Execution:
+  """The execution of ``cfg`` on ``mesh`` (None: one device of the default backend).
+
+  attention_impl "auto" means the Pallas kernels on TPU and GPU and XLA on CPU; "pallas" on
+  CPU runs them in interpret mode. The decode kernel has no per-shard wrapper, so it is used
+  only without a multi-device mesh. MoE dispatch is expert-parallel when the mesh's expert
+  axis is > 1 (``expert_parallel=False`` forces local dispatch, e.g. for sampling with small
+  batches). Raises ValueError for an expert axis that does not divide the routed experts.
+  """
+  platform = _platform(mesh)
+  multi_device = mesh is not None and mesh.size > 1
+  kernels = cfg.attention_impl == "pallas" or (cfg.attention_impl == "auto"
+                                               and platform in ("tpu", "gpu"))
+  expert_axis = 1 if mesh is None else mesh.shape.get("expert", 1)
+  ep = expert_axis > 1 if expert_parallel is None else expert_parallel
+  if ep and cfg.n_moe_layers and cfg.n_routed_experts % expert_axis:
+    raise ValueError(f"n_routed_experts={cfg.n_routed_experts} must be divisible by the mesh's "
+                     f"expert axis ({expert_axis}); change mesh.expert or the number of experts")
+  # Outside shard_map on a multi-device mesh XLA partitions the grouped matmul itself.
+  grouped = resolve_impl(cfg.grouped_matmul, platform=platform,
+                         partitioned=multi_device and not ep)
+  exchange = cfg.expert_exchange
+  if exchange == "auto":
+    exchange = "padded" if platform == "cpu" else "ragged"
+  resolve_exchange(exchange)  # validates the name
+  return Execution(platform=platform, attention="pallas" if kernels else "xla",
+                   decode_attention="pallas" if kernels and not multi_device else "xla",
+                   moe_dispatch="expert_parallel" if ep and cfg.n_moe_layers else "local",
+                   grouped_matmul=grouped, expert_exchange=exchange)
+
+
+def set_execution(model: nnx.Module, execution: Execution) -> nnx.Module:
+  """Apply ``execution`` to every layer of ``model`` in place (weights untouched); returns it.
+
+  Use it to run a model built for one execution under another, e.g. a training model
+  (expert-parallel) for sampling (local). ``nnx.split`` afterwards gives the matching graphdef.
+  """
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, (MultiHeadLatentAttention, GroupedQueryAttention)):
+      node.attention_impl = execution.attention
+      if isinstance(node, MultiHeadLatentAttention):
+        node.decode_impl = execution.decode_attention
+    elif isinstance(node, MoE):
+      node.dispatch = dataclasses.replace(
+          node.dispatch, mode=execution.moe_dispatch, grouped_matmul=execution.grouped_matmul,
+          exchange=execution.expert_exchange, placement=execution.expert_placement)
+  if hasattr(model, "execution"):
+    model.execution = execution
+  return model
