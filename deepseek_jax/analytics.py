@@ -23,6 +23,8 @@ from deepseek_jax.model.transformer import abstract_model
 
 @dataclasses.dataclass(frozen=True)
 class ParamCounts:
+  """Parameter counts of one config (main model and MTP separately; see module docstring)."""
+
   total: int  # main model (embedding + layers + final norm + head)
   activated: int  # main model parameters used per token (k of E routed experts)
   embedding: int

@@ -34,14 +34,17 @@ _PRESET = flags.DEFINE_string("preset", "small", "model preset whose MoE shapes 
 _DUMP = flags.DEFINE_string("dump_hlo", None, "write the compiled HLO text here")
 
 
-def _moe(cfg, rngs):
+def _moe(cfg, rngs, mesh):
+  """The preset's MoE layer, executed as ``resolve_execution`` decides for the TPU mesh (the
+  --grouped_matmul / --exchange flags override its choices unless they say auto)."""
   import dataclasses
   from deepseek_jax.model.moe import MoE
   from deepseek_jax.model.execution import resolve_execution
   from deepseek_jax.model.transformer import moe_specs
-  experts, routing, balance, dispatch = moe_specs(cfg, resolve_execution(cfg))
-  dispatch = dataclasses.replace(dispatch, mode="expert_parallel", grouped_matmul=_GMM.value,
-                                 exchange=_EXCHANGE.value)
+  experts, routing, balance, dispatch = moe_specs(cfg, resolve_execution(cfg, mesh))
+  overrides = {k: v for k, v in (("grouped_matmul", _GMM.value), ("exchange", _EXCHANGE.value))
+               if v != "auto"}
+  dispatch = dataclasses.replace(dispatch, **overrides)
   return MoE(cfg.d_model, experts, routing=routing, balance=balance, dispatch=dispatch,
              init_std=cfg.init_std, dtype="bfloat16", param_dtype=cfg.param_dtype, rngs=rngs)
 
@@ -67,7 +70,7 @@ def main(argv):
         f"{jax.default_backend()}; mesh {dict(mesh.shape)}")
 
   cfg = ModelConfig.preset(_PRESET.value)
-  model = nnx.eval_shape(lambda: _moe(cfg, nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: _moe(cfg, nnx.Rngs(0), mesh))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def sharded(x, spec):

@@ -74,6 +74,8 @@ def sample_logits(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -
 
 
 class GenerateOutput(NamedTuple):
+  """What ``generate`` returns: the new tokens of each row and how many of them are real."""
+
   tokens: jax.Array  # [B, N] generated tokens (stop token included), pad_id afterwards
   lengths: jax.Array  # [B] number of generated tokens per row
 

@@ -43,6 +43,8 @@ class CheckpointError(ValueError):
 
 
 class TensorInfo(NamedTuple):
+  """Where one tensor lives: its file, dtype, shape and byte range in the data section."""
+
   file: str
   dtype: np.dtype
   shape: tuple[int, ...]
@@ -145,6 +147,8 @@ class CheckpointReader:
 
 
 class TensorPlan(NamedTuple):
+  """One tensor to write: name, shape, dtype and a function producing it when its turn comes."""
+
   name: str
   shape: tuple[int, ...]
   dtype: np.dtype

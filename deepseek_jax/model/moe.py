@@ -141,6 +141,8 @@ class DispatchSpec:
 
 
 class Routing(NamedTuple):
+  """The router's decision for T tokens (``route``)."""
+
   experts: jax.Array  # [T, K] int32, selected expert ids
   weights: jax.Array  # [T, K] float32, combine weights g (routed scale included)
   scores: jax.Array  # [T, E] float32, affinities s (no bias)

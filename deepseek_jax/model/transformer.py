@@ -162,6 +162,8 @@ class DecodeCache(NamedTuple):
 
 
 class ModelOutput(NamedTuple):
+  """What ``DeepSeekModel.__call__`` returns."""
+
   logits: jax.Array  # [B, T, V] float32
   hidden: jax.Array  # [B, T, D] final normed hidden state (h^0 for MTP)
   cache: Optional[DecodeCache]
@@ -169,6 +171,8 @@ class ModelOutput(NamedTuple):
 
 
 class MTPOutput(NamedTuple):
+  """One MTP depth k's predictions, targets and mask (``DeepSeekModel.mtp_forward``)."""
+
   logits: jax.Array  # [B, T, V] predictions of t_{i+k+1}
   targets: jax.Array  # [B, T]
   mask: jax.Array  # [B, T]

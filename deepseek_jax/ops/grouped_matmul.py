@@ -47,6 +47,8 @@ IMPLS = ("tiled", "ragged_dot", "megablox", "tokamax")
 
 
 class TileLayout(NamedTuple):
+  """Rows padded into whole tiles of one expert each (``tile_layout``)."""
+
   rows: jax.Array  # [N*B] source row of each padded slot (M = a zero row)
   slot: jax.Array  # [M] padded slot of each row (for un-padding)
   valid: jax.Array  # [M] row belongs to some group

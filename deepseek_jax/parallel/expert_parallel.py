@@ -110,6 +110,8 @@ def max_shards_per_token(n_experts: int, n_shards: int, n_groups: int, n_limited
 
 
 class BufferSizes(NamedTuple):
+  """Static send / receive buffer sizes of one shard (``buffer_sizes``)."""
+
   send: int  # S rows
   recv: int  # R rows
   peer: int  # C rows per peer (padded exchange)

@@ -23,6 +23,10 @@ EXECUTION_FIELDS = ("scan_layers", "remat_policy", "grouped_matmul", "dtype", "m
 
 
 class Checkpointer:
+  """A run's checkpoints in ``directory``: the train state, the data iterator position and the
+  config of each saved step (orbax ``CheckpointManager``; asynchronous saves every ``every``
+  steps, the last ``keep`` kept). ``save`` never overwrites a step; ``restore`` loads a step
+  straight into the given shardings. orbax's errors (a missing or corrupt step) propagate."""
 
   def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(directory)

@@ -54,6 +54,8 @@ def piecewise_constant(boundaries_and_values: Sequence[Sequence[float]]):
 
 
 class ScaleByAdamState(NamedTuple):
+  """Adam's step count and both moments (stored in ``moment_dtype``)."""
+
   count: jax.Array
   mu: Any
   nu: Any

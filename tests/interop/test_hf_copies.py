@@ -2,7 +2,6 @@
 ``lm_head.weight`` and the MTP layer's ``embed_tokens`` / ``shared_head.head`` must equal what
 they copy. Equal copies load; a differing copy is refused naming it (never one picked silently)."""
 
-import os
 import shutil
 import tracemalloc
 
@@ -16,24 +15,10 @@ from deepseek_jax.interop.hf_checkpoint import (_IDENTITY, Entry, Quantization, 
 from deepseek_jax.interop.safetensors_io import (CheckpointError, CheckpointReader, TensorPlan,
                                                  write_checkpoint)
 from deepseek_jax.model.transformer import create_model
+from tests.interop.test_hf_checkpoint import _rewrite  # noqa: E402
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 MTP = "model.layers.3."  # tiny: 3 layers, then the MTP layer
-
-
-def _tensors(directory) -> dict:
-  reader = CheckpointReader(str(directory))
-  return {k: np.array(reader.get(k)) for k in reader.keys()}
-
-
-def _rewrite(directory, edit):
-  tensors = _tensors(directory)
-  edit(tensors)
-  for name in os.listdir(directory):
-    if name.endswith(".safetensors") or name.endswith(".index.json"):
-      os.remove(directory / name)
-  write_checkpoint(str(directory), [TensorPlan(k, v.shape, v.dtype, lambda v=v: v)
-                                    for k, v in tensors.items()])
 
 
 def _nudged(x):
@@ -117,7 +102,7 @@ def test_copies_are_compared_in_row_chunks(tmp_path):
   b = a.copy()
   b[-1, -1] += 1
   write_checkpoint(str(tmp_path), [TensorPlan("a", a.shape, a.dtype, lambda: a),
-                                   TensorPlan("b", b.shape, b.dtype, lambda: b),
+                                   TensorPlan("b", b.shape, b.dtype, lambda b=b: b),
                                    TensorPlan("c", a.shape, a.dtype, lambda: a)])
   del b
   reader = CheckpointReader(str(tmp_path))
