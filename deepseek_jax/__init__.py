@@ -16,12 +16,12 @@ from deepseek_jax.model.execution import Execution, resolve_execution, set_execu
 from deepseek_jax.model.transformer import (DeepSeekModel, ModelOutput, abstract_model,
                                             create_model, forward, init_cache,
                                             router_bias_update)
-from deepseek_jax.train.loss import PretrainLoss, loss_fn
+from deepseek_jax.train.loss import Loss, PretrainLoss, loss_fn
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DeepSeekModel", "Execution", "GenerateOutput", "ModelConfig", "ModelOutput", "PRESETS",
+    "DeepSeekModel", "Execution", "GenerateOutput", "Loss", "ModelConfig", "ModelOutput", "PRESETS",
     "PretrainLoss", "SamplingConfig", "abstract_model", "analytics", "create_model", "forward",
     "generate", "init_cache", "list_presets", "load_hf_checkpoint", "loss_fn",
     "resolve_execution", "router_bias_update", "save_hf_checkpoint", "set_execution",

@@ -74,7 +74,9 @@ def resolve_execution(cfg: ModelConfig, mesh: Optional[Mesh] = None, *,
   CPU runs them in interpret mode. The decode kernel has no per-shard wrapper, so it is used
   only without a multi-device mesh. MoE dispatch is expert-parallel when the mesh's expert
   axis is > 1 (``expert_parallel=False`` forces local dispatch, e.g. for sampling with small
-  batches). Raises ValueError for an expert axis that does not divide the routed experts.
+  batches). The expert placement is the identity; another table is given with
+  ``dataclasses.replace(execution, expert_placement=ExpertPlacement(...))``. Raises ValueError
+  for an expert axis that does not divide the routed experts.
   """
   platform = _platform(mesh)
   multi_device = mesh is not None and mesh.size > 1

@@ -187,6 +187,7 @@ def per_shard(fn, logical_axes, *args):
   return jax.shard_map(fn, in_specs=specs, out_specs=specs[0], check_vma=False)(*args)
 
 
-def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
-  """[batch, length, ...] arrays: batch over the batch axes, the rest replicated."""
-  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+  """Arrays [batch, ...] of any rank >= 1 (tokens [B, T], per-sequence values [B]): the batch
+  dim over the batch axes, the rest replicated."""
+  return NamedSharding(mesh, logical_to_spec(("batch",), rules, mesh))

@@ -45,6 +45,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.preset = "small"
   # Any ModelConfig field; None keeps the preset's value (e.g. overrides.attention_kind="gqa").
   c.model.overrides = model_overrides()
+  # Optional ModelConfig fields to set to None (an override of None means "keep the preset"),
+  # e.g. --config.model.set_none=q_lora_rank,capacity_factor (no query compression, dropless).
+  c.model.set_none = ()
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "corpus"  # corpus | text | tokens
@@ -121,8 +124,21 @@ def schedule_steps(config) -> int:
 
 
 def model_config(config) -> ModelConfig:
-  """The ModelConfig of an experiment config (validated by ModelConfig itself)."""
+  """The ModelConfig of an experiment config (validated by ModelConfig itself). Raises
+  ValueError naming the field for a ``model.set_none`` entry that is not an optional field or
+  is also overridden."""
   overrides = {k: v for k, v in config.model.overrides.items() if v is not None}
+  types = typed_fields.field_types(ModelConfig)
+  names = [n.strip() for entry in config.model.set_none for n in str(entry).split(",")]
+  for name in filter(None, names):
+    if name not in types or not types[name].optional:
+      optional = sorted(n for n, t in types.items() if t.optional)
+      raise ValueError(f"config.model.set_none: {name!r} is not an optional ModelConfig field; "
+                       f"those are {optional}")
+    if name in overrides:
+      raise ValueError(f"config.model.set_none: {name!r} is also set by "
+                       f"config.model.overrides.{name}={overrides[name]!r}; keep one")
+    overrides[name] = None
   overrides.setdefault("max_seq_len", max(ModelConfig.preset(config.model.preset).max_seq_len,
                                           config.train.seq_len))
   return ModelConfig.preset(config.model.preset, **overrides)
@@ -142,12 +158,16 @@ def _fail(field: str, message: str):
   raise ValueError(f"config.{field}: {message}")
 
 
-def validate(config, n_processes: int, batch_shards: int) -> ModelConfig:
-  """Every check that does not need the model compiled. Returns the ModelConfig."""
+def validate(config, n_processes: int, batch_shards: int, expert_shards: int = 1) -> ModelConfig:
+  """Every check that does not need the model compiled. Returns the ModelConfig.
+  ``batch_shards`` / ``expert_shards``: how many ways the mesh splits the batch / the experts."""
   unknown = _unknown_fields(config, default_config())
   if unknown:
     raise ValueError(f"unknown config field(s) {unknown}; see deepseek_jax/train/config.py")
   model = model_config(config)
+  if model.n_moe_layers and model.n_routed_experts % expert_shards:
+    _fail("mesh.expert", f"{expert_shards} does not divide n_routed_experts="
+          f"{model.n_routed_experts}; use a divisor of it")
   t = config.train
   for field in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
     if t[field] <= 0:

@@ -39,7 +39,9 @@ class ByteTokenizer:
     return [b + self.offset for b in text.encode("utf-8")]
 
   def decode(self, ids) -> str:
-    data = bytes(int(i) - self.offset for i in ids if int(i) >= self.offset)
+    # ids below the offset are specials; ids past the 256 bytes are the model's spare vocab
+    # (vocab_size may exceed the tokenizer's), which an untrained model can still sample.
+    data = bytes(int(i) - self.offset for i in ids if 0 <= int(i) - self.offset < 256)
     return data.decode("utf-8", errors="replace")
 
 

@@ -25,13 +25,18 @@ from deepseek_jax.model.mtp import mtp_targets
 from deepseek_jax.train.moe_step import BALANCE_TERMS, finish_moe_metrics, moe_metrics
 
 
+def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """log p(target) [B, T] float32 from logits [B, T, V] (a float32 log-softmax): the per-token
+  quantity of CE, SFT and policy-gradient losses (GRPO's ratio pi_theta / pi_old)."""
+  logits = logits.astype(jnp.float32)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return target_logit - jax.nn.logsumexp(logits, axis=-1)
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array):
   """(sum of -log p(target) over unmasked positions, number of unmasked positions)."""
-  logits = logits.astype(jnp.float32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   mask = mask.astype(jnp.float32)
-  return ((log_z - target_logit) * mask).sum(), mask.sum()
+  return (-token_log_probs(logits, targets) * mask).sum(), mask.sum()
 
 
 class Normalizers(NamedTuple):
@@ -102,8 +107,16 @@ class Loss(Protocol):
   ``normalizers(batch, n_micro)`` is computed once on the whole global batch (token counts,
   sequence counts, ...) and handed to every micro-batch, so per-micro-batch losses add up to
   the full batch's loss. ``__call__(model, micro_batch, normalizers=, step=)`` returns
-  (scalar loss, metrics); its metrics must be additive over micro-batches. ``finish(metrics,
-  step=, n_micro=)`` turns the summed metrics into the reported ones (ratios, schedules).
+  (scalar loss, metrics); its metrics must be additive over micro-batches and, for a model with
+  MoE layers, include ``moe_metrics(out.moe_stats, ...)`` (the balance terms to add to the
+  loss and the ``expert_load`` the router-bias update reads). ``finish(metrics, step=,
+  n_micro=)`` turns the summed metrics into the reported ones (ratios, schedules).
+
+  A batch is a dict of arrays whose first dim is the global batch (tokens [B, T], per-sequence
+  values such as advantages [B]); the step splits it over the mesh's batch axes and into
+  micro-batches. ``experiments/train.py`` runs ``PretrainLoss``; another objective calls
+  ``train.step.jit_train_step(..., loss=...)`` from its own loop (see
+  ``tests/train/test_step_takes_its_loss.py``). ``token_log_probs`` gives per-token log p.
   """
 
   def normalizers(self, batch: dict, n_micro: int) -> Any: ...

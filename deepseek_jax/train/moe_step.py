@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deepseek_jax.model.moe import RouterBias
 from deepseek_jax.model.transformer import router_bias_update
 
 BALANCE_TERMS = ("expert_balance", "device_balance", "comm_balance")
@@ -63,10 +64,18 @@ def router_bias_post_step(graphdef, params, model_state, metrics: dict,
                           gamma: Optional[jax.Array]):
   """Apply the auxiliary-loss-free bias update b_i += gamma sign(mean load - load_i) from the
   step's global ``metrics["expert_load"]``. Returns (new model_state, metrics with
-  ``router_bias_rate``); unchanged when gamma is None or the model has no MoE layers."""
-  if gamma is None or "expert_load" not in metrics:
+  ``router_bias_rate``); unchanged when gamma is None or the model has no router bias. Raises
+  ValueError when the model has router biases but ``metrics`` has no ``expert_load`` (a loss
+  that forgot ``moe_metrics`` would otherwise silently stop balancing)."""
+  if gamma is None:
     return model_state, metrics
   model = nnx.merge(graphdef, params, model_state)
+  if "expert_load" not in metrics:
+    if any(isinstance(v, RouterBias) for _, v in nnx.iter_graph(model)):
+      raise ValueError("the model has router biases but the loss's metrics hold no "
+                       "expert_load: merge moe_metrics(out.moe_stats) into them (train/moe_step.py)"
+                       ", or pass StepOptions(router_bias_rate=None)")
+    return model_state, metrics
   router_bias_update(model, metrics["expert_load"], gamma)
   _, _, model_state = nnx.split(model, nnx.Param, ...)
   return model_state, dict(metrics, router_bias_rate=gamma)

@@ -91,8 +91,15 @@ def start_setup(config) -> Setup:
 def build_setup(config) -> Setup:
   """Everything decided before compiling; every check raises with the field named."""
   mesh_sizes = dict(config.mesh)
-  mesh = make_mesh(mesh_sizes)
-  model_cfg = config_lib.validate(config, jax.process_count(), batch_shards(mesh))
+  try:
+    mesh = make_mesh(mesh_sizes)
+  except ValueError as e:
+    if jax.default_backend() != "cpu" or config.cpu_devices:
+      raise
+    raise ValueError(f"{e}; on a CPU-only host, split it into devices with "
+                     "--config.cpu_devices=N") from None
+  model_cfg = config_lib.validate(config, jax.process_count(), batch_shards(mesh),
+                                  mesh.shape["expert"])
   rules = get_rules(config.partitioning.rules)
   tokenizer = data_lib.make_tokenizer(config.data)
   if tokenizer.vocab_size > model_cfg.vocab_size:

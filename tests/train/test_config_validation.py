@@ -9,7 +9,7 @@ from ml_collections import config_flags
 from deepseek_jax import typed_fields
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.train import trainer
-from deepseek_jax.train.config import default_config, model_config
+from deepseek_jax.train.config import default_config, model_config, validate
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "configs")
 
@@ -159,3 +159,35 @@ def test_tuple_overrides_parse_through_absl_flags(tmp_path):
                   "--config.sample.prompts=a", "--config.sample.prompts=b")
   assert c.train.mtp_weight == ((0, 0.3), (100, 0.1))
   assert c.sample.prompts == ("a", "b")
+
+
+def test_set_none_turns_an_optional_field_off_from_the_command_line(tmp_path):
+  from deepseek_jax.train.config import model_config
+  c = default_config()
+  c.model.preset = "small"
+  c.model.set_none = ("q_lora_rank",)
+  assert model_config(c).q_lora_rank is None  # the small preset compresses queries (128)
+  c.model.set_none = ("d_model",)
+  with pytest.raises(ValueError, match="'d_model' is not an optional ModelConfig field"):
+    model_config(c)
+  c.model.set_none = ("q_lora_rank",)
+  c.model.overrides.q_lora_rank = 16
+  with pytest.raises(ValueError, match="also set by config.model.overrides.q_lora_rank=16"):
+    model_config(c)
+
+
+def test_set_none_parses_from_the_command_line(tmp_path):
+  from deepseek_jax.train.config import model_config
+  for args in (["--config.model.set_none=q_lora_rank,capacity_factor"],
+               ["--config.model.set_none=q_lora_rank", "--config.model.set_none=capacity_factor"]):
+    config = _parse_file(tmp_path, "--config.model.preset=deepseek-v2", *args)
+    cfg = model_config(config)
+    assert cfg.q_lora_rank is None and cfg.capacity_factor is None
+
+
+def test_an_expert_axis_that_does_not_divide_the_experts_is_named_before_the_batch():
+  c = default_config()
+  c.model.preset = "tiny"
+  c.train.batch_size = 8  # not a multiple of 3 either: the expert axis must be reported first
+  with pytest.raises(ValueError, match="config.mesh.expert: 3 does not divide n_routed_experts=8"):
+    validate(c, n_processes=1, batch_shards=3, expert_shards=3)

@@ -127,3 +127,11 @@ def test_hf_tokenizer_json(tmp_path):
   hf = D.make_tokenizer(cfg)
   assert hf.encode("mia lives in oakridge") == [4, 5, 6, 3] and hf.vocab_size == 7
   assert (hf.bos_id, hf.eos_id, hf.pad_id) == (1, 2, 0)
+
+
+def test_byte_decode_skips_ids_past_the_bytes():
+  """A model's vocab may exceed the tokenizer's (tiny: 320 > 259); an untrained model samples
+  those spare ids, and decoding them must not crash the end-of-run sample."""
+  tok = D.ByteTokenizer()
+  ids = tok.encode("hé") + [tok.offset + 256, 319]
+  assert tok.decode(ids) == "hé"

@@ -8,11 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.parallel.mesh import make_mesh
 from deepseek_jax.parallel.partitioning import get_rules
-from deepseek_jax.train.loss import PretrainLoss, cross_entropy
+from deepseek_jax.train.loss import PretrainLoss, cross_entropy, token_log_probs
 from deepseek_jax.train.moe_step import BALANCE_TERMS, finish_moe_metrics, moe_metrics
 from deepseek_jax.train.optimizer import piecewise_constant
 from deepseek_jax.train.step import StepOptions, init_train_state, jit_train_step
@@ -22,7 +23,8 @@ CFG = ModelConfig.preset("tiny", n_mtp_modules=0, init_std=0.1)
 
 @dataclasses.dataclass(frozen=True)
 class AnswerOnlyLoss:
-  """mean over sequences of (1/|answer_i|) sum_t CE_t on answer tokens, plus the balance terms."""
+  """sum_i w_i (1/|answer_i|) sum_t CE_t over answer tokens / #sequences, plus the balance terms;
+  w [B] is a per-sequence weight (the shape GRPO's advantages take)."""
 
   def normalizers(self, batch, n_micro):
     answers = batch["mask"].sum(-1)
@@ -31,12 +33,10 @@ class AnswerOnlyLoss:
 
   def __call__(self, model, batch, *, normalizers, step):
     out = model(batch["inputs"])
-    logits = out.logits.astype(jnp.float32)
-    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
-        logits, batch["targets"][..., None], -1)[..., 0]
+    nll = -token_log_probs(out.logits, batch["targets"])
     length = jnp.maximum(batch["mask"].sum(-1), 1.0)
     per_sequence = (nll * batch["mask"]).sum(-1) / length
-    loss = per_sequence.sum() / normalizers["sequences"]
+    loss = (batch["weight"] * per_sequence).sum() / normalizers["sequences"]
     moe = moe_metrics(out.moe_stats, normalizers["balance"])
     total = loss + sum(moe[t] for t in BALANCE_TERMS)
     return total, dict(moe, loss=total, answer_loss=loss)
@@ -50,7 +50,8 @@ def _batch():
   mask = np.zeros((8, 16), np.float32)
   for row in range(8):
     mask[row, 4 + row:] = 1.0  # answers of different lengths after a prompt
-  return {"inputs": seq[:, :-1], "targets": seq[:, 1:], "mask": jnp.asarray(mask)}
+  return {"inputs": seq[:, :-1], "targets": seq[:, 1:], "mask": jnp.asarray(mask),
+          "weight": 1.0 + jnp.arange(8, dtype=jnp.float32) / 8}
 
 
 def _run(loss, grad_accum, mesh_shape=dict(data=2)):
@@ -90,8 +91,9 @@ def test_the_custom_loss_value_is_the_hand_computed_objective():
   logits = np.asarray(model(batch["inputs"]).logits, np.float64)
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   mask, targets = np.asarray(batch["mask"]), np.asarray(batch["targets"])
-  want = np.mean([-sum(logp[b, t, targets[b, t]] for t in range(16) if mask[b, t]) / mask[b].sum()
-                  for b in range(8)])
+  weight = np.asarray(batch["weight"])
+  want = np.mean([-weight[b] * sum(logp[b, t, targets[b, t]] for t in range(16) if mask[b, t])
+                  / mask[b].sum() for b in range(8)])
   np.testing.assert_allclose(float(m["answer_loss"]), want, rtol=1e-5)
 
 
@@ -103,3 +105,16 @@ def test_the_pretraining_loss_is_one_such_loss():
   ce, count = cross_entropy(jnp.zeros((1, 1, 4)), jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1)))
   assert float(count) == 1 and float(ce) == np.float32(np.log(4))
   del batch, state_default, state_explicit
+
+
+def test_a_loss_that_drops_the_moe_metrics_is_refused_instead_of_silently_not_balancing():
+  class NoMoeMetrics(AnswerOnlyLoss):
+    def __call__(self, model, batch, *, normalizers, step):
+      total, metrics = super().__call__(model, batch, normalizers=normalizers, step=step)
+      return total, {"loss": total}
+
+    def finish(self, metrics, *, step, n_micro):
+      return metrics
+
+  with pytest.raises(ValueError, match="no expert_load: merge moe_metrics"):
+    _run(NoMoeMetrics(), grad_accum=1)
