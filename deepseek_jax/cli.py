@@ -31,7 +31,8 @@ def set_cpu_xla_flags() -> None:
 
 
 def set_cpu_devices(n: int) -> None:
-  """Ask XLA:CPU for ``n`` host devices (before the first JAX computation; 0 = leave it)."""
+  """Ask XLA:CPU for ``n`` host devices (before the first JAX computation; 0 = leave it).
+  Raises ValueError when XLA_FLAGS already asks for another count."""
   if n <= 0:
     return
   flag = "--xla_force_host_platform_device_count"
@@ -45,6 +46,8 @@ def set_cpu_devices(n: int) -> None:
 
 
 def check_cpu_devices(n: int) -> None:
+  """Raises ValueError when ``config.cpu_devices=n`` came too late: JAX already started with
+  another number of CPU devices."""
   if n > 0 and jax.default_backend() == "cpu" and jax.device_count() != n * jax.process_count():
     raise ValueError(f"config.cpu_devices={n} but JAX started with {jax.device_count()} CPU "
                      "devices: it was initialised before the config was read; set XLA_FLAGS="

@@ -134,8 +134,9 @@ def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingConfig = 
   right-padded to a multiple of it (capped at max_seq_len), so similar lengths share one
   compiled program. Returns GenerateOutput(tokens [B, max_new_tokens] int32, lengths [B]).
 
-  Raises ValueError if max_new_tokens < 1, a prompt is empty, or the longest real prompt +
-  max_new_tokens exceeds ModelConfig.max_seq_len (padding does not count).
+  Raises ValueError if max_new_tokens < 1 or prompt_bucket < 1, a prompt is empty, prompt
+  arrays have the wrong shapes or lengths, or the longest real prompt + max_new_tokens exceeds
+  ModelConfig.max_seq_len (padding does not count).
   """
   cfg = model.config
   if max_new_tokens < 1:

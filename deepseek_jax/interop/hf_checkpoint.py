@@ -69,6 +69,7 @@ from jax.sharding import Mesh
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.interop.hf_config import from_hf_config, to_hf_config
 from deepseek_jax.interop.safetensors_io import CheckpointError, CheckpointReader, TensorPlan, write_checkpoint
+from deepseek_jax.model.execution import Execution, resolve_execution
 from deepseek_jax.model.transformer import DeepSeekModel, abstract_model
 from deepseek_jax.interop import require_new_directory
 from deepseek_jax.parallel.partitioning import placement
@@ -415,7 +416,8 @@ def _leaf_pieces(entries: list[Entry], state) -> dict:
 
 
 def load_hf_checkpoint(directory: str, *, mesh: Optional[Mesh] = None, rules: str = "fsdp",
-                       load_mtp: Optional[bool] = None, **overrides) -> DeepSeekModel:
+                       load_mtp: Optional[bool] = None, execution: Optional[Execution] = None,
+                       **overrides) -> DeepSeekModel:
   """An HF-format DeepSeek directory (config.json + safetensors) as a ``DeepSeekModel``.
 
   ``overrides`` replace ModelConfig fields (``param_dtype="bfloat16"``, ``dtype=...``); by
@@ -423,6 +425,9 @@ def load_hf_checkpoint(directory: str, *, mesh: Optional[Mesh] = None, rules: st
   weight is created directly in its shards under the logical-axis ``rules``; otherwise on the
   first device. ``load_mtp``: None loads the MTP module(s) if the checkpoint holds them
   (transformers saves none, though its config counts them), True requires them, False skips them.
+  ``execution`` (default ``resolve_execution(cfg, mesh, expert_parallel=False)``: kernels and
+  MoE dispatch for running the loaded model on ``mesh`` under XLA's partitioning) may be any
+  other, e.g. expert-parallel for a step traced under ``jax.set_mesh(mesh)``.
   Raises CheckpointError (files, names, shapes, copies, FP8 scales) or UnsupportedConfig
   (config.json), each naming the tensor or field.
   """
@@ -440,7 +445,8 @@ def load_hf_checkpoint(directory: str, *, mesh: Optional[Mesh] = None, rules: st
   _validate(reader, entries, cfg, quant.block)
   _check_copies(reader, entries, quant)
 
-  graphdef, abstract = nnx.split(abstract_model(cfg))
+  execution = execution or resolve_execution(cfg, mesh, expert_parallel=False)
+  graphdef, abstract = nnx.split(abstract_model(cfg, execution))
   pieces = _leaf_pieces(entries, abstract)
   sharding_of = dict(nnx.to_flat_state(placement(abstract, mesh, rules)))
 

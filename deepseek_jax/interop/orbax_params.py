@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.model.execution import Execution, resolve_execution
 from deepseek_jax.model.transformer import DeepSeekModel, abstract_model
 from deepseek_jax.interop import require_new_directory
 from deepseek_jax.parallel.partitioning import placement
@@ -83,9 +84,11 @@ def save_model(model: DeepSeekModel, directory: str, *, step: int = 0,
 
 
 def load_model(directory: str, *, step: Optional[int] = None, mesh: Optional[Mesh] = None,
-               rules: str = "fsdp") -> DeepSeekModel:
+               rules: str = "fsdp", execution: Optional[Execution] = None) -> DeepSeekModel:
   """The model saved in a training workdir or a parameters checkpoint (latest step by default),
-  restored straight into its shardings (``mesh``) or onto the first device."""
+  restored straight into its shardings (``mesh``) or onto the first device. ``execution``:
+  as ``load_hf_checkpoint``'s. Raises FileNotFoundError for a missing directory or step and
+  ValueError for a checkpoint without a model_config."""
   root = checkpoint_root(directory)
   if not os.path.isdir(root):
     raise FileNotFoundError(f"no checkpoint directory at {directory}")
@@ -99,7 +102,8 @@ def load_model(directory: str, *, step: Optional[int] = None, mesh: Optional[Mes
   if "model_config" not in record:
     raise ValueError(f"{root}/{step} has no model_config; it was not written by deepseek-jax")
   cfg = ModelConfig(**record["model_config"])
-  graphdef, params, rest = nnx.split(abstract_model(cfg), *_SPLIT)
+  execution = execution or resolve_execution(cfg, mesh, expert_parallel=False)
+  graphdef, params, rest = nnx.split(abstract_model(cfg, execution), *_SPLIT)
   shardings = (placement(params, mesh, rules), placement(rest, mesh, rules))
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         (params, rest), shardings)

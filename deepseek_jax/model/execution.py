@@ -22,11 +22,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model.attention import GroupedQueryAttention
+from deepseek_jax.model.attention import GroupedQueryAttention, check_kernel_choice
 from deepseek_jax.model.mla import MultiHeadLatentAttention
 from deepseek_jax.model.moe import MoE
 from deepseek_jax.ops.grouped_matmul import resolve_impl
 from deepseek_jax.parallel.expert_parallel import ExpertPlacement, resolve_exchange
+from pallas_kernels.platform import target_platform
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +40,8 @@ class Execution:
   moe_dispatch: "local" | "expert_parallel" (the mesh's expert axis > 1).
   grouped_matmul: "tiled" | "ragged_dot" | "megablox" | "tokamax" (the routed experts).
   expert_exchange: "ragged" | "padded" (expert-parallel all-to-all).
-  expert_placement: expert -> shard table (None = identity).
+  expert_placement: expert -> weight-slot table, which fixes each expert's shard (None =
+    identity); set it with ``dataclasses.replace(execution, expert_placement=...)``.
   """
 
   platform: str
@@ -60,10 +62,9 @@ class Execution:
 
 
 def _platform(mesh: Optional[Mesh]) -> str:
-  if mesh is not None:
-    return mesh.devices.flat[0].platform
-  import jax
-  return jax.default_backend()
+  """The mesh's platform (an ahead-of-time TPU topology on a CPU host is "tpu"); without one,
+  the platform being compiled for (``target_platform``)."""
+  return target_platform() if mesh is None else mesh.devices.flat[0].platform
 
 
 def resolve_execution(cfg: ModelConfig, mesh: Optional[Mesh] = None, *,
@@ -90,10 +91,7 @@ def resolve_execution(cfg: ModelConfig, mesh: Optional[Mesh] = None, *,
   # Outside shard_map on a multi-device mesh XLA partitions the grouped matmul itself.
   grouped = resolve_impl(cfg.grouped_matmul, platform=platform,
                          partitioned=multi_device and not ep)
-  exchange = cfg.expert_exchange
-  if exchange == "auto":
-    exchange = "padded" if platform == "cpu" else "ragged"
-  resolve_exchange(exchange)  # validates the name
+  exchange = resolve_exchange(cfg.expert_exchange, platform)
   return Execution(platform=platform, attention="pallas" if kernels else "xla",
                    decode_attention="pallas" if kernels and not multi_device else "xla",
                    moe_dispatch="expert_parallel" if ep and cfg.n_moe_layers else "local",
@@ -105,16 +103,17 @@ def set_execution(model: nnx.Module, execution: Execution) -> nnx.Module:
 
   Use it to run a model built for one execution under another, e.g. a training model
   (expert-parallel) for sampling (local). ``nnx.split`` afterwards gives the matching graphdef.
+  Raises ValueError for an unknown kernel choice, dispatch mode, grouped matmul or exchange.
   """
   for _, node in nnx.iter_graph(model):
     if isinstance(node, (MultiHeadLatentAttention, GroupedQueryAttention)):
-      node.attention_impl = execution.attention
+      node.attention_impl = check_kernel_choice("attention", execution.attention)
       if isinstance(node, MultiHeadLatentAttention):
-        node.decode_impl = execution.decode_attention
+        node.decode_impl = check_kernel_choice("decode_attention", execution.decode_attention)
     elif isinstance(node, MoE):
       node.dispatch = dataclasses.replace(
           node.dispatch, mode=execution.moe_dispatch, grouped_matmul=execution.grouped_matmul,
-          exchange=execution.expert_exchange, placement=execution.expert_placement)
+          exchange=execution.expert_exchange, placement=execution.expert_placement).resolved()
   if hasattr(model, "execution"):
     model.execution = execution
   return model

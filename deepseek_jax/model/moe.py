@@ -431,6 +431,9 @@ class MoE(nnx.Module):
       mesh = expert_parallel.expert_mesh()
       n_shards = 1 if mesh is None else mesh.shape["expert"]
       placement = dispatch.placement or ExpertPlacement.identity(n_experts)
+      if len(placement.slot_of_expert) != n_experts:
+        raise ValueError(f"DispatchSpec.placement covers {len(placement.slot_of_expert)} experts, "
+                         f"the layer has {n_experts}")
       shard_of = placement.shard_of(n_shards).reshape(spec.n_groups, -1)
       if capacity_factor is not None and (shard_of != shard_of[:, :1]).any():
         raise ValueError(

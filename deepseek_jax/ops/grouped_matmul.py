@@ -228,7 +228,8 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, impl: 
   if impl in ("megablox", "tokamax") and partitioned_by_xla():
     raise ValueError(f"grouped_matmul impl={impl!r} is a Pallas kernel, which XLA cannot split "
                      "over the mesh: use expert parallelism (mesh.expert > 1), which runs it per "
-                     "shard, or grouped_matmul='auto' / 'ragged_dot'")
+                     "shard, or 'ragged_dot' (resolve_execution(cfg, mesh) chooses it for a "
+                     "model run on this mesh; set_execution applies it to a built model)")
   sizes = group_sizes.astype(jnp.int32)
   if impl == "tiled":
     return _tiled(x, w, sizes, tile or default_tile(x.shape[0], w.shape[0]))

@@ -58,11 +58,14 @@ def expert_mesh():
   return mesh
 
 
-def resolve_exchange(exchange: str) -> str:
+def resolve_exchange(exchange: str, platform: Optional[str] = None) -> str:
+  """The exchange ``exchange`` names; "auto" is "padded" on CPU (XLA:CPU has no
+  ragged_all_to_all) and "ragged" elsewhere. ``platform`` defaults to ``target_platform()``.
+  Raises ValueError for an unknown name."""
   if exchange not in EXCHANGES:
     raise ValueError(f"expert exchange must be one of {EXCHANGES}, got {exchange!r}")
   if exchange == "auto":
-    return "padded" if target_platform() == "cpu" else "ragged"
+    return "padded" if (platform or target_platform()) == "cpu" else "ragged"
   return exchange
 
 
@@ -73,7 +76,9 @@ class ExpertPlacement:
   [p El, (p + 1) El) (El = E / P). Dispatch reads this table and nothing else to find an
   expert's shard and its local index; the identity (today's only producer) keeps expert e on
   shard e // El. A permutation is computed exactly (tested); redundant experts (EPLB) will
-  extend the table with replica slots without touching the MoE layer."""
+  extend the table with replica slots without touching the MoE layer. A non-identity table
+  gathers the stored (expert-ordered) weights into slot order on every call, an all-to-all of
+  the expert weights per step; a placement used for long should store them in slot order."""
 
   slot_of_expert: tuple[int, ...]
 

@@ -135,13 +135,17 @@ class PretrainLoss:
   then 0.1) overrides ``ModelConfig.mtp_loss_weight`` when given.
   """
 
-  n_mtp_modules: int = 0
+  n_mtp_modules: int
   mtp_weight: Optional[Callable[[jax.Array], jax.Array]] = None
 
   def normalizers(self, batch: dict, n_micro: int) -> Normalizers:
     return batch_normalizers(batch, self.n_mtp_modules, n_micro)
 
   def __call__(self, model, batch: dict, *, normalizers: Normalizers, step: jax.Array):
+    if model.config.n_mtp_modules != self.n_mtp_modules:
+      raise ValueError(f"PretrainLoss(n_mtp_modules={self.n_mtp_modules}) for a model with "
+                       f"n_mtp_modules={model.config.n_mtp_modules}; build it from the model's "
+                       "config")
     lam = None if self.mtp_weight is None else self.mtp_weight(step)
     return loss_fn(model, batch, mtp_weight=lam, normalizers=normalizers)
 

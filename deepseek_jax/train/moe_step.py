@@ -64,7 +64,8 @@ def router_bias_post_step(graphdef, params, model_state, metrics: dict,
                           gamma: Optional[jax.Array]):
   """Apply the auxiliary-loss-free bias update b_i += gamma sign(mean load - load_i) from the
   step's global ``metrics["expert_load"]``. Returns (new model_state, metrics with
-  ``router_bias_rate``); unchanged when gamma is None or the model has no router bias. Raises
+  ``router_bias_rate``); both unchanged when gamma is None, the state unchanged when the model
+  has no router bias. Raises
   ValueError when the model has router biases but ``metrics`` has no ``expert_load`` (a loss
   that forgot ``moe_metrics`` would otherwise silently stop balancing)."""
   if gamma is None:

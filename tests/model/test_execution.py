@@ -90,3 +90,18 @@ def test_layers_refuse_an_unresolved_kernel_choice():
     MultiHeadLatentAttention(spec, rotary=RotaryEmbedding(2), eps=1e-6, init_std=0.02,
                              dtype="float32", param_dtype="float32", rngs=nnx.Rngs(0),
                              attention_impl="auto")
+
+
+def test_loaders_resolve_the_execution_for_the_mesh_they_place_weights_on(tmp_path):
+  from deepseek_jax.interop.hf_checkpoint import load_hf_checkpoint, save_hf_checkpoint
+  cfg = CFG.replace(attention_impl="pallas")
+  save_hf_checkpoint(create_model(cfg, 0), str(tmp_path / "hf"))
+  mesh = make_mesh({"expert": 4, "data": 2})
+  loaded = load_hf_checkpoint(str(tmp_path / "hf"), mesh=mesh, attention_impl="pallas")
+  # run under XLA's partitioning on this mesh: local MoE, no unsharded decode kernel
+  assert loaded.execution == resolve_execution(loaded.config, mesh, expert_parallel=False)
+  assert loaded.execution.decode_attention == "xla"
+  assert {layer.dispatch.mode for layer in _moe_layers(loaded)} == {"local"}
+  ep = resolve_execution(loaded.config, mesh)
+  again = load_hf_checkpoint(str(tmp_path / "hf"), mesh=mesh, execution=ep)
+  assert {layer.dispatch.mode for layer in _moe_layers(again)} == {"expert_parallel"}

@@ -69,7 +69,6 @@ def _run(loss, grad_accum, mesh_shape=dict(data=2)):
 def test_a_custom_loss_runs_through_the_step_with_accumulation_and_the_bias_update():
   (state1, m1), before = _run(AnswerOnlyLoss(), grad_accum=1)
   (state2, m2), _ = _run(AnswerOnlyLoss(), grad_accum=2)
-  # hand computation of the objective on the same initial model
   assert float(m1["answer_loss"]) > 0
   np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5)  # accumulation = full batch
   np.testing.assert_allclose(m2["dropped_fraction"], m1["dropped_fraction"])
@@ -98,13 +97,22 @@ def test_the_custom_loss_value_is_the_hand_computed_objective():
 
 
 def test_the_pretraining_loss_is_one_such_loss():
-  batch = _batch()
-  (state_default, m_default), _ = _run(None, grad_accum=1)
-  (state_explicit, m_explicit), _ = _run(PretrainLoss(CFG.n_mtp_modules), grad_accum=1)
+  (_, m_default), _ = _run(None, grad_accum=1)
+  (_, m_explicit), _ = _run(PretrainLoss(CFG.n_mtp_modules), grad_accum=1)
   np.testing.assert_array_equal(m_default["loss"], m_explicit["loss"])
-  ce, count = cross_entropy(jnp.zeros((1, 1, 4)), jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1)))
-  assert float(count) == 1 and float(ce) == np.float32(np.log(4))
-  del batch, state_default, state_explicit
+  with pytest.raises(ValueError, match="PretrainLoss\\(n_mtp_modules=1\\) for a model with "
+                                       "n_mtp_modules=0"):
+    _run(PretrainLoss(1), grad_accum=1)
+
+
+def test_token_log_probs_is_a_float32_log_softmax():
+  logits = jnp.log(jnp.array([[[1.0, 3.0]]], jnp.bfloat16))
+  got = token_log_probs(logits, jnp.array([[1]]))
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, np.log(0.75), rtol=1e-2)
+  total, count = cross_entropy(logits, jnp.array([[1]]), jnp.ones((1, 1)))
+  np.testing.assert_allclose(total, -got[0, 0])
+  assert float(count) == 1
 
 
 def test_a_loss_that_drops_the_moe_metrics_is_refused_instead_of_silently_not_balancing():
