@@ -7,6 +7,7 @@ bad input into one ``error:`` line instead of a traceback. Imports nothing else 
 from __future__ import annotations
 
 import ast
+import errno
 import os
 import sys
 
@@ -73,9 +74,30 @@ def parse_flags(argv):
     sys.exit(1)
 
 
+def error_line(e: BaseException) -> str:
+  """The one line a failed run prints for ``e``.
+
+  Bad input (ValueError and its kin, missing or existing files, RunError) already says what
+  and how to fix it; an OSError names its path and the system's reason (disk full, permission
+  denied, ...); anything else is unexpected and says how to see the traceback.
+  """
+  if isinstance(e, (ValueError, FileNotFoundError, FileExistsError, RunError)):
+    return f"error: {e}".replace("\n", "; ")
+  if isinstance(e, OSError):
+    where = f"{e.filename}: " if e.filename else ""
+    reason = e.strerror or str(e)
+    hint = "; free space and rerun (the last complete checkpoint is kept)" if (
+        e.errno == errno.ENOSPC) else ""
+    return f"error: {where}{reason}{hint}"
+  first = (str(e).strip().splitlines() or [""])[0]
+  return (f"error: unexpected {type(e).__name__}: {first} (rerun with --verbosity=1 to see "
+          "the traceback)")
+
+
 def run_cli(fn, *args, **kwargs):
-  """Run an entry point: bad input (config, checkpoint, data) and divergence end the process
-  with ``error: <what and how to fix it>`` on stderr instead of a traceback."""
+  """Run an entry point: any failure ends the process with exit code 1 and one ``error:`` line
+  on stderr (``error_line``) instead of a traceback; ``--verbosity=1`` (absl's debug level)
+  lets the traceback through."""
   import logging
   set_cpu_xla_flags()
   from absl import flags, logging as absl_logging
@@ -85,6 +107,8 @@ def run_cli(fn, *args, **kwargs):
     logging.getLogger().setLevel(logging.WARNING)
   try:
     return fn(*args, **kwargs)
-  except (ValueError, FileNotFoundError, FileExistsError, RunError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
+  except Exception as e:  # noqa: BLE001 (one line for every failure; see error_line)
+    if flags.FLAGS.is_parsed() and flags.FLAGS.verbosity >= 1:
+      raise
+    print(error_line(e), file=sys.stderr, flush=True)
     sys.exit(1)

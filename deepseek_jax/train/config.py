@@ -62,7 +62,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.pad_token = ml_collections.config_dict.placeholder(str)
   c.data.packing = True  # False: one chunk per row, padded
   c.data.packing_bins = 64
-  c.data.eval_every = 50  # every 50th document is held out
+  c.data.eval_every = 50  # every 50th document is held out (>= 2)
+  # text files that are not valid UTF-8: "strict" refuses them (naming the file and byte),
+  # "replace" trains on U+FFFD in place of the bad bytes and reports how many there were.
+  c.data.text_errors = "strict"
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 600
@@ -191,4 +194,33 @@ def validate(config, n_processes: int, batch_shards: int, expert_shards: int = 1
     pieces = list(t[field])
     if not pieces or pieces[0][0] != 0:
       _fail(f"train.{field}", f"must be ((0, value), (step, value), ...), got {t[field]}")
+  _check_ranges(config)
   return model
+
+
+MOMENT_DTYPES = ("float32", "bfloat16", "float16")
+TEXT_ERRORS = ("strict", "replace")
+
+
+def _check_ranges(config) -> None:
+  """Values that would only fail (or silently misbehave) after compiling."""
+  opt, t, d = config.optimizer, config.train, config.data
+  if not opt.learning_rate > 0:
+    _fail("optimizer.learning_rate", f"must be positive, got {opt.learning_rate}")
+  if opt.warmup_steps < 0:
+    _fail("optimizer.warmup_steps", f"must be >= 0, got {opt.warmup_steps}")
+  if opt.moment_dtype not in MOMENT_DTYPES:
+    _fail("optimizer.moment_dtype", f"must be one of {MOMENT_DTYPES}, got {opt.moment_dtype!r}")
+  if opt.schedule not in ("cosine", "wsd", "constant"):
+    _fail("optimizer.schedule", f"must be 'cosine', 'wsd' or 'constant', got {opt.schedule!r}")
+  if t.eval_every < 0 or t.eval_batches <= 0:
+    _fail("train.eval_every", "train.eval_every must be >= 0 (0: no periodic eval) and "
+          f"train.eval_batches > 0, got {t.eval_every} and {t.eval_batches}")
+  if d.eval_every < 2:
+    _fail("data.eval_every", f"holds out every n-th document and must be >= 2, got {d.eval_every}")
+  if d.text_errors not in TEXT_ERRORS:
+    _fail("data.text_errors", f"must be one of {TEXT_ERRORS}, got {d.text_errors!r}")
+  if config.sample.temperature < 0:
+    _fail("sample.temperature", f"must be >= 0 (0: greedy), got {config.sample.temperature}")
+  if config.sample.max_new_tokens < 1:
+    _fail("sample.max_new_tokens", f"must be >= 1, got {config.sample.max_new_tokens}")

@@ -19,6 +19,7 @@ Sources (``data.source``): ``corpus`` (the embedded generated corpus, no network
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from typing import Optional
 
@@ -39,10 +40,19 @@ class ByteTokenizer:
     return [b + self.offset for b in text.encode("utf-8")]
 
   def decode(self, ids) -> str:
-    # ids below the offset are specials; ids past the 256 bytes are the model's spare vocab
-    # (vocab_size may exceed the tokenizer's), which an untrained model can still sample.
-    data = bytes(int(i) - self.offset for i in ids if 0 <= int(i) - self.offset < 256)
-    return data.decode("utf-8", errors="replace")
+    """Text of ``ids``: specials (< offset) are dropped; ids past the 256 bytes (the model's
+    spare vocab: vocab_size may exceed the tokenizer's, and an early or diverged model samples
+    them) render as a visible placeholder ``<id N>``; invalid UTF-8 as U+FFFD."""
+    text, run = [], bytearray()
+    for i in map(int, ids):
+      if 0 <= i - self.offset < 256:
+        run.append(i - self.offset)
+      elif i >= self.offset:
+        text.append(run.decode("utf-8", errors="replace"))
+        text.append(f"<id {i}>")
+        run = bytearray()
+    text.append(run.decode("utf-8", errors="replace"))
+    return "".join(text)
 
 
 class HFTokenizer:
@@ -87,14 +97,34 @@ def make_tokenizer(cfg):
   raise ValueError(f"data.tokenizer must be 'byte' or 'hf', got {cfg.tokenizer!r}")
 
 
-def _text_documents(pattern: str) -> list[str]:
-  files = sorted(glob.glob(pattern, recursive=True))
+def _text_documents(pattern: str, errors: str = "strict") -> list[str]:
+  """Documents (blank-line separated paragraphs) of the files ``pattern`` matches.
+
+  Raises FileNotFoundError for a glob that matches no file, ValueError for an empty file and,
+  with ``errors="strict"``, for a file that is not UTF-8 (naming the file and the byte);
+  ``errors="replace"`` reads U+FFFD for bad bytes and logs how many there were per file.
+  """
+  files = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
   if not files:
     raise FileNotFoundError(f"data.text_glob={pattern!r} matched no files")
   docs = []
   for path in files:
-    with open(path, encoding="utf-8", errors="replace") as f:
-      docs.extend(p.strip() for p in f.read().split("\n\n") if p.strip())
+    with open(path, "rb") as f:
+      raw = f.read()
+    try:
+      text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      if errors == "strict":
+        raise ValueError(f"{path} is not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})"
+                         "; convert it to UTF-8, or set data.text_errors='replace' to train on "
+                         "U+FFFD in place of bad bytes") from None
+      text = raw.decode("utf-8", errors="replace")
+      logging.warning("%s: %d byte sequence(s) that are not UTF-8 read as U+FFFD "
+                      "(data.text_errors='replace')", path, text.count("\ufffd"))
+    found = [p.strip() for p in text.split("\n\n") if p.strip()]
+    if not found:
+      raise ValueError(f"{path} (matched by data.text_glob={pattern!r}) holds no text")
+    docs.extend(found)
   return docs
 
 
@@ -111,6 +141,9 @@ def token_sequences(cfg, tokenizer, split: str) -> list[np.ndarray]:
   """All token sequences (documents with BOS/EOS) of a split, before chunking."""
   if cfg.source == "tokens":
     arr = np.load(cfg.tokens_path)
+    if not np.issubdtype(arr.dtype, np.integer):
+      raise ValueError(f"data.tokens_path={cfg.tokens_path!r} holds {arr.dtype} values; token ids "
+                       "must be integers")
     if arr.ndim == 2:
       seqs = list(arr.astype(np.int32))
     elif arr.ndim == 1:
@@ -123,12 +156,34 @@ def token_sequences(cfg, tokenizer, split: str) -> list[np.ndarray]:
   if cfg.source == "corpus":
     docs = generate_corpus(cfg.corpus_documents, cfg.corpus_seed)
   elif cfg.source == "text":
-    docs = _text_documents(cfg.text_glob)
+    docs = _text_documents(cfg.text_glob, cfg.get("text_errors", "strict"))
   else:
     raise ValueError(f"data.source must be 'corpus', 'text' or 'tokens', got {cfg.source!r}")
   bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
   eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
   return [np.asarray(bos + tokenizer.encode(d) + eos, np.int32) for d in _split(docs, split, cfg.eval_every)]
+
+
+def check_data(cfg, tokenizer, *, vocab_size: int, seq_len: int, shard_count: int) -> None:
+  """Everything about the data that would otherwise fail during or after training: ids outside
+  [0, vocab_size), and a train or held-out split with fewer chunks than the processes reading
+  it (the held-out loss at the end needs one). Raises ValueError naming the field or file."""
+  for split in ("train", "eval"):
+    seqs = token_sequences(cfg, tokenizer, split)
+    if seqs and cfg.source == "tokens":
+      low = min(int(s.min()) for s in seqs)
+      high = max(int(s.max()) for s in seqs)
+      if low < 0 or high >= vocab_size:
+        raise ValueError(f"data.tokens_path={cfg.tokens_path!r} holds ids in [{low}, {high}], "
+                         f"outside the model's [0, {vocab_size}); fix the file or raise "
+                         "config.model.overrides.vocab_size")
+    pieces = len(chunk(seqs, seq_len))
+    if pieces < shard_count:
+      what = "held-out" if split == "eval" else "training"
+      raise ValueError(f"the {what} split has {pieces} chunk(s) of train.seq_len={seq_len} for "
+                       f"{shard_count} process(es): the data set is too small (every "
+                       f"data.eval_every={cfg.eval_every}-th document is held out); add data or "
+                       "lower data.eval_every")
 
 
 def chunk(seqs: list[np.ndarray], seq_len: int) -> list[np.ndarray]:

@@ -106,6 +106,8 @@ def build_setup(config) -> Setup:
     raise ValueError(f"config.data.tokenizer has {tokenizer.vocab_size} ids but the model's "
                      f"vocab_size is {model_cfg.vocab_size}; raise "
                      f"config.model.overrides.vocab_size")
+  data_lib.check_data(config.data, tokenizer, vocab_size=model_cfg.vocab_size,
+                      seq_len=config.train.seq_len, shard_count=jax.process_count())
   return Setup(config, model_cfg, mesh, rules, tokenizer, make_optimizer(_optimizer_cfg(config)),
                resolve_execution(model_cfg, mesh))
 

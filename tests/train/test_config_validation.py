@@ -191,3 +191,21 @@ def test_an_expert_axis_that_does_not_divide_the_experts_is_named_before_the_bat
   c.train.batch_size = 8  # not a multiple of 3 either: the expert axis must be reported first
   with pytest.raises(ValueError, match="config.mesh.expert: 3 does not divide n_routed_experts=8"):
     validate(c, n_processes=1, batch_shards=3, expert_shards=3)
+
+
+@pytest.mark.parametrize("path, value, match", [
+    ("optimizer.learning_rate", 0.0, "config.optimizer.learning_rate: must be positive, got 0.0"),
+    ("optimizer.learning_rate", -1e-3, "config.optimizer.learning_rate: must be positive"),
+    ("optimizer.warmup_steps", -5, "config.optimizer.warmup_steps: must be >= 0, got -5"),
+    ("optimizer.moment_dtype", "int8", "config.optimizer.moment_dtype: must be one of"),
+    ("data.eval_every", 0, "config.data.eval_every: .* must be >= 2, got 0"),
+    ("data.text_errors", "ignore", "config.data.text_errors: must be one of"),
+    ("sample.temperature", -0.5, "config.sample.temperature: must be >= 0"),
+    ("train.eval_every", -1, "config.train.eval_every: train.eval_every must be >= 0"),
+])
+def test_values_that_fail_only_after_compiling_are_refused_up_front(path, value, match):
+  c = default_config()
+  section, field = path.split(".")
+  c[section][field] = value
+  with pytest.raises(ValueError, match=match):
+    validate(c, n_processes=1, batch_shards=1)

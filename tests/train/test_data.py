@@ -129,9 +129,46 @@ def test_hf_tokenizer_json(tmp_path):
   assert (hf.bos_id, hf.eos_id, hf.pad_id) == (1, 2, 0)
 
 
-def test_byte_decode_skips_ids_past_the_bytes():
+def test_byte_decode_shows_ids_past_the_bytes_as_placeholders():
   """A model's vocab may exceed the tokenizer's (tiny: 320 > 259); an untrained model samples
-  those spare ids, and decoding them must not crash the end-of-run sample."""
+  those spare ids, and decoding them must neither crash the end-of-run sample nor hide them."""
   tok = D.ByteTokenizer()
-  ids = tok.encode("hé") + [tok.offset + 256, 319]
-  assert tok.decode(ids) == "hé"
+  ids = [tok.bos_id] + tok.encode("hé") + [tok.offset + 256] + tok.encode("!") + [319, tok.eos_id]
+  assert tok.decode(ids) == "hé<id 259>!<id 319>"
+
+
+def test_text_that_is_not_utf8_is_refused_or_replaced_with_a_count(tmp_path, caplog):
+  (tmp_path / "a.txt").write_bytes("café\n\nplain".encode("latin-1"))
+  with pytest.raises(ValueError, match=r"a.txt is not valid UTF-8 \(byte 3: b'\\xe9'\).*text_errors"):
+    D._text_documents(str(tmp_path / "*.txt"))
+  with caplog.at_level("WARNING"):
+    docs = D._text_documents(str(tmp_path / "*.txt"), errors="replace")
+  assert docs == ["caf\ufffd", "plain"] and "1 byte sequence(s)" in caplog.text
+
+
+def test_an_empty_text_file_and_an_empty_glob_are_named(tmp_path):
+  (tmp_path / "empty.txt").write_text("\n\n  \n")
+  with pytest.raises(ValueError, match="empty.txt .* holds no text"):
+    D._text_documents(str(tmp_path / "*.txt"))
+  with pytest.raises(FileNotFoundError, match=r"data.text_glob=.*nothing\*.md' matched no files"):
+    D._text_documents(str(tmp_path / "nothing*.md"))
+
+
+@pytest.mark.parametrize("tokens, match", [
+    (np.array([5, -1, 7, 2] * 50), r"ids in \[-1, 7\], outside the model's \[0, 320\)"),
+    (np.array([5, 400, 7, 2] * 50), r"ids in \[2, 400\]"),
+    (np.array([5.0, 6.0, 2.0] * 50), "holds float64 values; token ids must be integers"),
+])
+def test_token_files_with_bad_ids_or_dtypes_are_refused(tmp_path, tokens, match):
+  path = tmp_path / "tokens.npy"
+  np.save(path, tokens)
+  cfg = _cfg(source="tokens", tokens_path=str(path), eval_every=2)
+  with pytest.raises(ValueError, match=match):
+    D.check_data(cfg, D.ByteTokenizer(), vocab_size=320, seq_len=8, shard_count=1)
+
+
+def test_a_data_set_too_small_for_a_held_out_batch_is_refused_before_training(tmp_path):
+  (tmp_path / "one.txt").write_text("only one document here")
+  cfg = _cfg(source="text", text_glob=str(tmp_path / "*.txt"))
+  with pytest.raises(ValueError, match="the held-out split has 0 chunk"):
+    D.check_data(cfg, D.ByteTokenizer(), vocab_size=320, seq_len=8, shard_count=1)

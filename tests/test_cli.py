@@ -1,0 +1,29 @@
+"""Every failure of an entry point is one ``error:`` line (run_cli)."""
+
+import errno
+
+import pytest
+
+from deepseek_jax import cli
+
+
+@pytest.mark.parametrize("exc, line", [
+    (ValueError("config.train.steps: must be positive, got 0"),
+     "error: config.train.steps: must be positive, got 0"),
+    (cli.RunError("loss is not finite at step 3"), "error: loss is not finite at step 3"),
+    (OSError(errno.ENOSPC, "No space left on device", "/ckpt/100/state"),
+     "error: /ckpt/100/state: No space left on device; free space and rerun"),
+    (PermissionError(errno.EACCES, "Permission denied", "/ro/workdir"),
+     "error: /ro/workdir: Permission denied"),
+    (KeyError("next_index"), "error: unexpected KeyError: 'next_index' (rerun with --verbosity=1"),
+    (ZeroDivisionError("division by zero"), "error: unexpected ZeroDivisionError: division by zero"),
+])
+def test_each_failure_is_one_error_line_and_exit_code_1(capsys, exc, line):
+  def fail():
+    raise exc
+
+  with pytest.raises(SystemExit) as stop:
+    cli.run_cli(fail)
+  assert stop.value.code == 1
+  err = capsys.readouterr().err
+  assert err.startswith(line) and err.count("\n") == 1 and "Traceback" not in err
