@@ -24,9 +24,10 @@ setup(
         "tensorboardX",  # event files for TensorBoard without TensorFlow
     ],
     extras_require={
-        # transformers + a CPU torch: the HF parity tests (tests/interop) are part of the suite.
+        # transformers + a CPU torch: the HF parity tests (tests/interop) are part of the suite;
+        # libtpu (jax[tpu]): the TPU ahead-of-time compile tests, no TPU needed.
         "test": ["pytest>=8", "pytest-xdist", "tokenizers", "torch==2.13.0", "transformers>=5.0",
-                 "safetensors"],
+                 "safetensors", "jax[tpu]>=0.10.2,<0.12"],
         "tpu": ["jax[tpu]>=0.10.2,<0.12"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.12"],
         # torch is pinned: an unpinned torch pulls several GB of CUDA wheels.

@@ -96,15 +96,16 @@ def error_line(e: BaseException) -> str:
 
 def run_cli(fn, *args, **kwargs):
   """Run an entry point: any failure ends the process with exit code 1 and one ``error:`` line
-  on stderr (``error_line``) instead of a traceback; ``--verbosity=1`` (absl's debug level)
-  lets the traceback through."""
+  on stderr (``error_line``) instead of a traceback, Ctrl-C outside a training loop with 130
+  and one line; ``--verbosity=1`` (absl's debug level) lets the traceback through."""
   import logging
   set_cpu_xla_flags()
   from absl import flags, logging as absl_logging
   if flags.FLAGS.is_parsed() and not flags.FLAGS["verbosity"].present:
-    # Library INFO logs (orbax writes ~50 lines per checkpoint) off; --verbosity=0 turns them on.
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger().setLevel(logging.WARNING)
+    # Library logs off (orbax writes ~50 INFO lines per checkpoint, and logs a traceback for
+    # a failed save that the run reports in one line); --verbosity=0 turns them on.
+    absl_logging.set_verbosity(absl_logging.FATAL)
+    logging.getLogger().setLevel(logging.CRITICAL)
   try:
     return fn(*args, **kwargs)
   except Exception as e:  # noqa: BLE001 (one line for every failure; see error_line)
@@ -112,3 +113,9 @@ def run_cli(fn, *args, **kwargs):
       raise
     print(error_line(e), file=sys.stderr, flush=True)
     sys.exit(1)
+  except KeyboardInterrupt:
+    if flags.FLAGS.is_parsed() and flags.FLAGS.verbosity >= 1:
+      raise
+    print("interrupted (Ctrl-C); a run in its training loop saves its step first, this one "
+          "had not started it or was interrupted twice", file=sys.stderr, flush=True)
+    sys.exit(130)

@@ -26,7 +26,7 @@ def _define_flags():
   f.DEFINE_string("from_orbax", None, "source: a training workdir or a parameters checkpoint")
   f.DEFINE_string("to_hf", None, "target: a new HF-format directory")
   f.DEFINE_string("to_orbax", None, "target: a new parameters checkpoint directory")
-  f.DEFINE_integer("step", None, "--from_orbax step (default: the latest)")
+  f.DEFINE_integer("step", None, "--from_orbax step (0 included; default: the newest that verifies)")
   f.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                 "weight dtype of the target (default: the source's; FP8 -> bfloat16)")
   f.DEFINE_enum("expert_layout", "hub", ["hub", "fused"],
@@ -51,16 +51,47 @@ def _mesh(spec: str):
 
 def convert(from_hf=None, from_orbax=None, to_hf=None, to_orbax=None, *, step=None, dtype=None,
             expert_layout="hub", max_shard_mb=5000, load_mtp=None, mesh=None) -> str:
-  """Library form of the command line; returns a one-line summary."""
+  """Library form of the command line; returns a one-line summary. The target must be new or
+  an empty folder; on any failure (disk full, bad source) the partial output is removed.
+  ``step`` (0 included) reads that step of ``from_orbax``, verified; default the newest step
+  that verifies."""
   from deepseek_jax.interop import require_new_directory
-  from deepseek_jax.interop.hf_checkpoint import load_hf_checkpoint, save_hf_checkpoint
-  from deepseek_jax.interop.orbax_params import load_model, save_model
 
   if (from_hf is None) == (from_orbax is None) or (to_hf is None) == (to_orbax is None):
     raise ValueError("give exactly one source (--from_hf or --from_orbax) and one target "
                      "(--to_hf or --to_orbax)")
   target = to_hf or to_orbax
   require_new_directory(target)  # checked before the (long) load, and again by the writer
+  existed = os.path.isdir(target)
+  try:
+    return _convert(from_hf, from_orbax, to_hf, to_orbax, step=step, dtype=dtype,
+                    expert_layout=expert_layout, max_shard_mb=max_shard_mb, load_mtp=load_mtp,
+                    mesh=mesh)
+  except BaseException:
+    _remove_partial(target, existed)
+    raise
+
+
+def _remove_partial(target: str, existed: bool) -> None:
+  """A failed conversion leaves no half-written target to block the rerun: the folder it
+  created is removed, or an empty folder it was given is emptied again."""
+  import shutil
+  if not os.path.isdir(target):
+    return
+  if not existed:
+    shutil.rmtree(target, ignore_errors=True)
+    return
+  for name in os.listdir(target):
+    path = os.path.join(target, name)
+    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+
+
+def _convert(from_hf, from_orbax, to_hf, to_orbax, *, step, dtype, expert_layout, max_shard_mb,
+             load_mtp, mesh) -> str:
+  from deepseek_jax.interop.hf_checkpoint import load_hf_checkpoint, save_hf_checkpoint
+  from deepseek_jax.interop.orbax_params import load_model, save_model
+
+  target = to_hf or to_orbax
   if from_hf is not None:
     overrides = {"param_dtype": dtype, "dtype": dtype} if dtype else {}
     model = load_hf_checkpoint(from_hf, mesh=mesh, load_mtp=load_mtp, **overrides)

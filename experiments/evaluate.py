@@ -15,7 +15,7 @@ from deepseek_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "the training run's workdir", required=True)
-_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step (0 included; default: the newest that verifies)")
 _BATCHES = flags.DEFINE_integer("batches", None, "held-out batches (default: train.eval_batches)")
 flags.mark_flags_as_required(["config"])
 

@@ -7,8 +7,18 @@ In-process tests see 8 fake CPU devices (mesh tests need them; everything else r
 import functools
 import os
 
+import glob  # noqa: E402
+import importlib.util  # noqa: E402
+
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
+if importlib.util.find_spec("libtpu") and not glob.glob("/dev/accel*") + glob.glob("/dev/vfio/[0-9]*"):
+  # The test extras install libtpu only to compile TPU programs ahead of time (tests/
+  # pallas_kernels); on a host without TPU chips, JAX would otherwise try (and noisily fail) to
+  # start a TPU backend in every process, subprocesses included.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  # pytest-xdist workers each load libtpu; without this only the first may (a lockfile).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402

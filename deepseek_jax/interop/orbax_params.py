@@ -1,9 +1,11 @@
 """Model weights in our orbax checkpoint layout, without optimizer state.
 
 A parameters checkpoint is what the trainer writes minus the optimizer, the step counter and
-the data position: ``DIR/checkpoints/<step>/state`` holds ``{"params", "model_state"}`` and
-``DIR/checkpoints/<step>/config`` the ``model_config``. ``load_model`` reads these two out of
-either kind (a training workdir or a parameters checkpoint), restoring only the weights.
+the data position: ``DIR/checkpoints/<step>/state`` holds ``{"params", "model_state"}``,
+``DIR/checkpoints/<step>/config`` the ``model_config`` and ``checksums.json`` the integrity
+record. ``load_model`` reads these out of either kind (a training workdir or a parameters
+checkpoint, or one step directory of either), verifying the step first and restoring only the
+weights.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from jax.sharding import Mesh
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.execution import Execution, resolve_execution
 from deepseek_jax.model.transformer import DeepSeekModel, abstract_model
-from deepseek_jax.interop import require_new_directory
+from deepseek_jax.interop import integrity, require_new_directory
 from deepseek_jax.parallel.partitioning import placement
 
 def _key(entry) -> str:
@@ -61,6 +63,25 @@ def checkpoint_root(directory: str) -> str:
   return os.path.abspath(nested if os.path.isdir(nested) else directory)
 
 
+def resolve_checkpoint(directory: str, step: Optional[int] = None, report=print) -> tuple[str, int]:
+  """(root, step) to read from ``directory``: a training workdir, a parameters checkpoint, or
+  one step directory of either (``.../checkpoints/200``, which names the step). ``step``
+  (0 included) must exist and verify; by default the newest step that verifies
+  (``integrity.choose_step``, which reports steps passed over). Raises FileNotFoundError
+  (nothing there, or no such step) and integrity.CheckpointIntegrityError."""
+  directory = os.path.abspath(directory)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoint directory at {directory}")
+  name, parent = os.path.basename(directory), os.path.dirname(directory)
+  if name.isdigit() and step is None and os.path.isdir(os.path.join(directory, "state")):
+    directory, step = parent, int(name)
+  root = checkpoint_root(directory)
+  choice = integrity.choose_step(root, step, report=report)
+  if choice.step is None:
+    raise FileNotFoundError(f"no checkpoint in {root}; it holds no step directories")
+  return root, choice.step
+
+
 def _manager(directory: str, create: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(create=create, enable_async_checkpointing=False)
   return ocp.CheckpointManager(directory, options=options)
@@ -80,6 +101,7 @@ def save_model(model: DeepSeekModel, directory: str, *, step: int = 0,
       config=ocp.args.JsonSave(record)))
   manager.wait_until_finished()
   manager.close()
+  integrity.write_manifest(os.path.join(root, str(step)))
   return os.path.join(root, str(step))
 
 
@@ -87,16 +109,11 @@ def load_model(directory: str, *, step: Optional[int] = None, mesh: Optional[Mes
                rules: str = "fsdp", execution: Optional[Execution] = None) -> DeepSeekModel:
   """The model saved in a training workdir or a parameters checkpoint (latest step by default),
   restored straight into its shardings (``mesh``) or onto the first device. ``execution``:
-  as ``load_hf_checkpoint``'s. Raises FileNotFoundError for a missing directory or step and
-  ValueError for a checkpoint without a model_config."""
-  root = checkpoint_root(directory)
-  if not os.path.isdir(root):
-    raise FileNotFoundError(f"no checkpoint directory at {directory}")
+  as ``load_hf_checkpoint``'s. The step is verified first (``resolve_checkpoint``). Raises
+  FileNotFoundError for a missing directory or step, integrity.CheckpointIntegrityError for a
+  step whose files changed, and ValueError for a checkpoint without a model_config."""
+  root, step = resolve_checkpoint(directory, step)
   manager = _manager(root)
-  step = manager.latest_step() if step is None else step
-  if step is None or step not in manager.all_steps():
-    raise FileNotFoundError(f"no checkpoint step {step if step is not None else ''} in {root}; "
-                            f"available: {sorted(manager.all_steps())}")
   record = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
   manager.close()
   if "model_config" not in record:

@@ -77,6 +77,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.eval_batches = 8
   c.train.mtp_weight = ((0, 0.3),)  # (start step, lambda) pieces; V3: 0.3 then 0.1
   c.train.router_bias_rate = ((0, 0.001),)  # (start step, gamma) pieces; V3: 0.001 then 0
+  # Fine-tuning: start from the weights of this checkpoint (a workdir, a parameters checkpoint
+  # from convert, or one step folder .../checkpoints/N) with a fresh optimizer and data; used
+  # only when the workdir has no checkpoint yet.
+  c.train.init_from = ""
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 3e-3

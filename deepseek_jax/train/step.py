@@ -10,7 +10,7 @@ batch [B, T] is split into ``grad_accum`` micro-batches scanned in sequence, and
 gradient of the full batch. Then clipping + AdamW, and the auxiliary-loss-free router-bias
 update (``moe_step.router_bias_post_step``) from the expert load summed over the *global*
 batch (the batch is one global array under jit, so the sum already spans every device and
-process).
+process). The metric ``state_finite`` (1.0/0.0) says whether the updated state is all finite.
 
 Shardings come from the logical-axis rules (``parallel.partitioning``): parameters and Adam
 moments share them, the step counter and metrics are replicated, the batch is split over the
@@ -138,7 +138,16 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, loss: Loss,
     metrics["learning_rate"] = options.lr_schedule(state.step)
   gamma = None if options.router_bias_rate is None else options.router_bias_rate(state.step)
   model_state, metrics = router_bias_post_step(graphdef, params, state.model_state, metrics, gamma)
+  metrics["state_finite"] = all_finite((params, model_state, opt_state)).astype(jnp.float32)
   return TrainState(state.step + 1, params, model_state, opt_state), metrics
+
+
+def all_finite(tree) -> jax.Array:
+  """bool scalar: every floating-point entry of ``tree`` is finite (the updated parameters,
+  router biases and optimizer moments: a checkpoint is only saved when this holds)."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
 
 
 def jit_train_step(model_cfg: ModelConfig, graphdef, tx, options: StepOptions,

@@ -1,9 +1,12 @@
 """The training loop behind ``experiments/train.py``, and evaluate / sample from a workdir.
 
     setup   validate the config (no compile yet) -> distributed init -> mesh -> tokenizer
-    state   sharded init, or restore of the latest checkpoint in the workdir (state + data)
+    state   the workdir locked; sharded init (or train.init_from's weights), or restore of the
+            newest checkpoint that verifies (state + data), or of --step
     loop    global batch from each process's shard -> jitted step -> every log_every: metrics,
-            NaN check -> checkpoint every checkpoint.every -> SIGTERM: save now and stop
+            NaN check -> checkpoint every checkpoint.every when the updated state is finite,
+            sealed (checksums) once the next step's loss and gradient at it are finite ->
+            SIGTERM / Ctrl-C: save now and stop (exit code PREEMPTED_EXIT_CODE)
     end     final checkpoint, held-out loss, a sample from the trained model
 
 A resumed run continues from the exact step, parameters, optimizer state and data position:
@@ -37,16 +40,24 @@ from deepseek_jax.parallel.partitioning import (batch_sharding, get_rules, repli
                                                 replication_summary)
 from deepseek_jax.train import config as config_lib
 from deepseek_jax.train import data as data_lib
-from deepseek_jax.train.checkpoint import Checkpointer, check_compatible, config_record
+from deepseek_jax.interop.integrity import step_directories
+from deepseek_jax.interop.orbax_params import load_model, resolve_checkpoint
+from deepseek_jax.train.checkpoint import (Checkpointer, check_compatible, check_data_position,
+                                           config_record)
 from deepseek_jax.train.loss import PretrainLoss, loss_fn
 from deepseek_jax.train.metrics import MetricsLogger, device_peak_flops, say
 from deepseek_jax.train.optimizer import lr_schedule, make_optimizer, piecewise_constant
 from deepseek_jax.train.step import (StepOptions, TrainState, abstract_train_state,
                                      init_train_state, jit_train_step)
+from deepseek_jax.train.workdir import WorkdirLock, check_workdir
+
+# Exit code of a run stopped by SIGTERM or Ctrl-C after saving its step: non-zero, so a
+# scheduler that restarts failed jobs restarts it (and it resumes); EX_TEMPFAIL, "try again".
+PREEMPTED_EXIT_CODE = 75
 
 
 class TrainingDiverged(RunError):
-  """The loss or gradient norm became NaN/Inf."""
+  """The loss, the gradient norm or the updated state became NaN/Inf."""
 
 
 def setup_distributed(cfg) -> None:
@@ -149,20 +160,60 @@ def global_batch(setup: Setup, local: dict) -> dict:
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
-def _checkpointer(setup: Setup, workdir: str) -> Checkpointer:
+def _checkpointer(setup: Setup, workdir: str, create: bool = True) -> Checkpointer:
   c = setup.config.checkpoint
   return Checkpointer(os.path.join(workdir, "checkpoints"), every=c.every, keep=c.keep,
-                      async_save=c.async_save)
+                      async_save=c.async_save, create=create)
 
 
-def restore_or_init(setup: Setup, ckpt: Checkpointer, data_iter):
-  """(graphdef, state, shardings, step): the latest checkpoint if any, else a fresh init."""
-  latest = ckpt.latest_step()
-  if latest is None:
-    graphdef, state, shardings = init_train_state(setup.model_cfg, setup.tx, setup.mesh,
-                                                  setup.rules, setup.config.seed, setup.execution)
-    return graphdef, state, shardings, 0
-  return (*_restore(setup, ckpt, latest, data_iter), latest)
+def restore_or_init(setup: Setup, ckpt: Checkpointer, data_iter, step: Optional[int] = None):
+  """(graphdef, state, shardings, start step).
+
+  ``step`` None: the newest checkpoint that verifies, else ``train.init_from`` or a fresh
+  init; ``step=0``: the initialisation; ``step=N``: checkpoint N (it must verify). Newer steps
+  than the one started from are set aside (kept) so this run can save their numbers again;
+  a resume that would reinterpret the saved data position is refused."""
+  choice = ckpt.choose(None if step == 0 else step, report=say)
+  start = choice.step or 0
+  newer = sorted(s for s in step_directories(ckpt.directory) if s > start)
+  if start:
+    saved, now = ckpt.saved_config(start), config_record(setup.config, setup.model_cfg)
+    check_compatible(saved, now, ckpt.directory)
+    check_data_position(saved, now, ckpt.directory, start)
+    if setup.config.train.init_from:
+      say(f"config.train.init_from is ignored: resuming step {start} of this workdir")
+  if start >= setup.config.train.steps:
+    return None, None, None, start
+  if newer:
+    why = "failed-verification" if choice.skipped and step is None else "superseded"
+    aside = ckpt.set_aside(newer, why)
+    say(f"moved step(s) {newer} (newer than step {start}) to {aside}; nothing was deleted")
+  if start:
+    return (*_restore(setup, ckpt, start, data_iter), start)
+  graphdef, state, shardings = init_train_state(setup.model_cfg, setup.tx, setup.mesh,
+                                                setup.rules, setup.config.seed, setup.execution)
+  if setup.config.train.init_from:
+    state = _init_from(setup, state, shardings)
+  return graphdef, state, shardings, 0
+
+
+def _init_from(setup: Setup, state: TrainState, shardings: TrainState) -> TrainState:
+  """The weights (parameters and router biases) of ``train.init_from`` in place of the
+  initialisation; the optimizer, step counter and data start fresh (fine-tuning)."""
+  source = setup.config.train.init_from
+  try:
+    root, step = resolve_checkpoint(source, report=say)
+  except (FileNotFoundError, ValueError) as e:
+    raise type(e)(f"config.train.init_from={source}: {e}") from None
+  model = load_model(os.path.join(root, str(step)), mesh=setup.mesh,
+                     rules=setup.config.partitioning.rules, execution=setup.execution)
+  check_compatible({"model_config": model.config.to_dict()},
+                   config_record(setup.config, setup.model_cfg), os.path.join(root, str(step)))
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  params = jax.device_put(params, shardings.params)
+  rest = jax.device_put(rest, shardings.model_state)
+  say(f"initialised from the weights of {root}/{step} (fresh optimizer and data)")
+  return state._replace(params=params, model_state=rest)
 
 
 def _restore(setup: Setup, ckpt: Checkpointer, step: int, data_iter=None):
@@ -175,27 +226,32 @@ def _restore(setup: Setup, ckpt: Checkpointer, step: int, data_iter=None):
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop saves at the next step and stops. With several processes
-  the flags are all-gathered every step (plus jax's preemption sync point), so every process
-  stops at, and saves, the same step even when the signal reaches the hosts at different
-  steps (a process alone in a collective save would hang)."""
+  """SIGTERM or Ctrl-C (SIGINT) sets a flag; the loop saves at the next step and stops (a
+  second Ctrl-C interrupts at once). With several processes the flags are all-gathered every
+  step (plus jax's preemption sync point), so every process stops at, and saves, the same step
+  even when the signal reaches the hosts at different steps (a process alone in a collective
+  save would hang)."""
 
   def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self.requested: Optional[str] = None
+    self._previous = {sig: signal.signal(sig, self._handle)
+                      for sig in (signal.SIGTERM, signal.SIGINT)}
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    self.requested = signal.Signals(signum).name
+    if signum == signal.SIGINT:  # a second Ctrl-C is a KeyboardInterrupt
+      signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
 
   def reached(self, step: int) -> bool:
     if jax.process_count() > 1:
-      anyone = bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+      anyone = bool(np.any(multihost_utils.process_allgather(np.array(bool(self.requested)))))
       return multihost_utils.reached_preemption_sync_point(step) or anyone
-    return self.requested
+    return bool(self.requested)
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
 
 def _host(metrics: dict) -> dict:
@@ -206,18 +262,65 @@ def _finite(metrics: dict) -> bool:
   return bool(np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]))
 
 
-def train(config, workdir: str) -> dict:
-  """Train per ``config`` in ``workdir`` (resuming if it holds checkpoints). Returns the last
-  logged record plus the final held-out loss and the samples."""
+def _diverged(ckpt: Checkpointer, step: int, what: str) -> TrainingDiverged:
+  """The error for a non-finite step; a checkpoint of step-1 (whose parameters gave it) is
+  moved aside, so the advice (rerun to resume) resumes from a step that trains."""
+  moved = ""
+  try:
+    ckpt.manager.wait_until_finished()  # a save of step-1 may still be under way
+  except Exception:  # noqa: BLE001 (the divergence is the error to report)
+    pass
+  if step - 1 in step_directories(ckpt.directory):
+    aside = ckpt.reject(step - 1, "diverged")
+    moved = f" Step {step - 1}, whose parameters gave it, was moved to {aside}."
+  try:
+    ckpt.wait()
+  except Exception:  # noqa: BLE001 (the divergence is the error to report)
+    pass
+  good = ckpt.sealed_steps()[-1] if ckpt.sealed_steps() else None
+  return TrainingDiverged(
+      f"{what} at step {step}; stopped without saving it.{moved} Last good checkpoint: "
+      f"{'step ' + str(good) if good else 'none'} in {ckpt.directory}. Lower "
+      "config.optimizer.learning_rate or raise warmup_steps, then rerun to resume from it")
+
+
+def train(config, workdir: str, step: Optional[int] = None) -> dict:
+  """Train per ``config`` in ``workdir``: resume from its newest checkpoint that verifies, or
+  from ``step`` (0: from the initialisation); see ``restore_or_init``. Returns the last logged
+  record plus the final held-out loss and the samples; ``preempted_at`` (and no eval) when
+  SIGTERM/Ctrl-C stopped it, ``already_at`` when the workdir is already at train.steps.
+  Raises WorkdirLocked, TrainingDiverged, SaveFailed, CheckpointIntegrityError and ValueError
+  for bad input, each with one line naming the field, file or step."""
+  check_workdir(workdir)
   setup = start_setup(config)
-  c, mesh = config, setup.mesh
+  c = config
   say(f"model {setup.model_cfg.name}: {analytics.summary(setup.model_cfg, c.train.seq_len)}")
   for line in startup_report(setup):
     say(line)
   say(f"workdir {workdir}")
+  lock = WorkdirLock(workdir, report=say)
+  if jax.process_index() == 0:
+    lock.acquire()
+  try:
+    return _train_locked(setup, workdir, step)
+  finally:
+    lock.release()
+
+
+def _train_locked(setup: Setup, workdir: str, requested: Optional[int]) -> dict:
+  c, mesh = setup.config, setup.mesh
   data_iter = iter(make_data(setup))
   ckpt = _checkpointer(setup, workdir)
-  graphdef, state, shardings, start = restore_or_init(setup, ckpt, data_iter)
+  try:
+    graphdef, state, shardings, start = restore_or_init(setup, ckpt, data_iter, requested)
+  except BaseException:
+    ckpt.manager.close()
+    raise
+  if graphdef is None:
+    ckpt.manager.close()
+    say(f"already at step {start} (config.train.steps={c.train.steps}); nothing to do. Raise "
+        "config.train.steps to train further")
+    return {"already_at": start}
   if start:
     say(f"resumed from step {start} ({ckpt.directory})")
   options = StepOptions(grad_accum=c.train.grad_accum, lr_schedule=lr_schedule(_optimizer_cfg(c)),
@@ -236,24 +339,25 @@ def train(config, workdir: str) -> dict:
   record_cfg = config_record(c, setup.model_cfg)
   preemption = _Preemption()
   record: dict = {}
+  failed = True
+  check_next = start + 1  # this step's metrics judge the state saved (or restored) before it
   try:
     for step in range(start + 1, c.train.steps + 1):
       state, metrics = step_fn(state, global_batch(setup, next(data_iter)))
       if step == start + 1:  # keep compile time out of the throughput numbers
         jax.block_until_ready(metrics)
         say(f"step {step} (including compilation) took {logger.compiled(step):.1f} s")
+      ckpt.poll()
       last = step == c.train.steps
       due_save = step % c.checkpoint.every == 0 or last
       stop = preemption.reached(step)
-      if step % c.train.log_every == 0 or due_save or stop:
+      if step % c.train.log_every == 0 or due_save or stop or step == check_next:
         host = _host(metrics)
         if not _finite(host):
-          good = ckpt.latest_step()
-          raise TrainingDiverged(
-              f"loss or gradient norm is not finite at step {step} (loss {host['loss']}, "
-              f"grad norm {host['grad_norm']}); stopped without saving. Last good checkpoint: "
-              f"{'step ' + str(good) if good else 'none'} in {ckpt.directory}. Lower "
-              "config.optimizer.learning_rate or raise warmup_steps, then rerun to resume.")
+          raise _diverged(ckpt, step, f"loss or gradient norm is not finite (loss "
+                                      f"{host['loss']}, grad norm {host['grad_norm']})")
+        if step == check_next and step - 1 > start:
+          ckpt.confirm(step - 1)
         if step % c.train.log_every == 0 or last:
           record = logger.log(step, host)
         if host.get("overflow", 0) > 0:
@@ -264,16 +368,32 @@ def train(config, workdir: str) -> dict:
         with logger.paused():
           say(f"eval at step {step}: {_evaluate_state(setup, graphdef, state)}")
       if due_save or stop:
+        if not host.get("state_finite", 1.0):
+          raise _diverged(ckpt, step, "the updated parameters or optimizer moments are not "
+                                      "finite")
         with logger.paused():
           ckpt.save(step, state, data_iter, record_cfg, force=True)
+        check_next = step + 1
+        if last or stop:  # no next step to judge it: its finite state is the evidence
+          ckpt.confirm(step)
       if stop:
         ckpt.wait()
-        say(f"SIGTERM: saved step {step} to {ckpt.directory}; stopping (rerun to resume)")
+        say(f"{preemption.requested}: saved step {step} to {ckpt.directory}; stopping (exit code "
+            f"{PREEMPTED_EXIT_CODE}; rerun to resume)")
+        failed = False
         return dict(record, preempted_at=step)
+    ckpt.wait()
+    failed = False
   finally:
     preemption.restore()
-    ckpt.close()
     logger.close()
+    if failed:
+      try:  # the error in flight is the one to report; a save still running is abandoned
+        ckpt.manager.close()
+      except Exception:  # noqa: BLE001
+        pass
+    else:
+      ckpt.close()
   final = dict(record, eval=_evaluate_state(setup, graphdef, state))
   say(f"held-out: loss {final['eval']['loss']:.4f}, perplexity {final['eval']['perplexity']:.2f}")
   final["samples"] = _sample_state(setup, graphdef, state)
@@ -337,13 +457,22 @@ def _sample_state(setup: Setup, graphdef, state: TrainState, prompts=None) -> li
 
 
 def _load_for_inference(config, workdir: str, step: Optional[int]):
+  """Read-only: the workdir must exist (nothing is created); ``step`` (0 included) or the
+  newest checkpoint that verifies."""
+  check_workdir(workdir, must_exist=True)
   setup = start_setup(config)
-  ckpt = _checkpointer(setup, workdir)
-  step = step or ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first with --workdir={workdir}")
-  graphdef, state, _ = _restore(setup, ckpt, step)
-  ckpt.close()
+  root = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"no checkpoints in {workdir}; train first with --workdir={workdir}")
+  ckpt = _checkpointer(setup, workdir, create=False)
+  try:
+    step = ckpt.choose(step, report=say).step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first with "
+                              f"--workdir={workdir}")
+    graphdef, state, _ = _restore(setup, ckpt, step)
+  finally:
+    ckpt.manager.close()
   return setup, graphdef, state, step
 
 

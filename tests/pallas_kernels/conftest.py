@@ -3,11 +3,13 @@
 With ``jax[tpu]`` installed (libtpu present), ``compile_for_tpu(fn, *args)`` lowers and compiles
 ``jax.jit(fn)`` for one chip of a TPU topology description, so Mosaic kernels are proven to lower
 for real TPUs; ``args`` are arrays or ``jax.ShapeDtypeStruct``s. Without libtpu the test is skipped
-with a message saying how to enable it.
+with a message saying how to enable it; with libtpu installed (the test extra) a topology that
+cannot be made fails the test.
 """
 
 import contextlib
 import functools
+import importlib.util
 
 import jax
 import pytest
@@ -28,6 +30,9 @@ def _tpu_devices():
 def tpu_devices():
   """The 4 chips of a v5e:2x2 topology description (for meshes in AOT compiles)."""
   devices = _tpu_devices()
+  if isinstance(devices, str) and importlib.util.find_spec("libtpu"):
+    # libtpu is installed (the test extra): a failure here must not pass as a skip.
+    pytest.fail(f"libtpu is installed but the TPU topology could not be made: {devices[:300]}")
   if isinstance(devices, str):
     pytest.skip(f"TPU ahead-of-time compile needs libtpu (pip install 'jax[tpu]=="
                 f"{jax.__version__}'): {devices[:200]}")

@@ -4,6 +4,7 @@ observability files, evaluate / sample, and refusing to mix models in one workdi
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,7 +85,7 @@ def test_sigterm_saves_and_the_resumed_run_is_bitwise_identical(reference_run, t
     time.sleep(0.2)
   proc.send_signal(signal.SIGTERM)
   stdout, stderr = proc.communicate(timeout=300)
-  assert proc.returncode == 0, stderr[-3000:]
+  assert proc.returncode == 75, stderr[-3000:]  # PREEMPTED_EXIT_CODE: schedulers rerun it
   saved = int(stdout.split("SIGTERM: saved step ")[1].split()[0])
   assert 4 <= saved < 24 and (workdir / "checkpoints" / str(saved)).is_dir()
 
@@ -128,15 +129,119 @@ def test_a_different_model_is_refused_and_nothing_is_overwritten(reference_run):
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
 
 
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_a_diverged_run_keeps_a_step_that_trains_and_the_rerun_resumes_from_it(tmp_path):
+  # lr 1e30: step 2's update gives finite but huge weights (the check before saving passes),
+  # whose gradient at step 3 is NaN; step 2 must not be the step a rerun resumes from.
   proc = _run("train.py", tmp_path, "--config.train.steps=20", "--config.checkpoint.every=1",
               "--config.train.log_every=1", "--config.optimizer.learning_rate=1e30",
               "--config.optimizer.warmup_steps=1")
   assert proc.returncode == 1
-  assert "error: loss or gradient norm is not finite at step" in proc.stderr
-  assert "Last good checkpoint: step" in proc.stderr
-  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
-  assert steps and all(np.isfinite(v).all() for _, v in _flatten(_state(tmp_path, steps[-1])))
+  line = proc.stderr.strip().splitlines()[-1]
+  assert line.startswith("error: loss or gradient norm is not finite (") and "at step 3" in line
+  assert "Step 2, whose parameters gave it, was moved to" in line
+  assert "Last good checkpoint: step 1 in" in line
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
+  assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints-set-aside").iterdir()] == ["2"]
+  assert all(np.isfinite(v).all() for _, v in _flatten(_state(tmp_path, 1)))
+  # The advice works: a sane learning rate resumes from step 1 and finishes.
+  rerun = _run("train.py", tmp_path, "--config.train.steps=6", "--config.checkpoint.every=3",
+               "--config.train.log_every=3")
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert "resumed from step 1" in rerun.stdout and "held-out: loss" in rerun.stdout
+
+
+def _corrupt_latest(workdir, step):
+  step_dir = workdir / "checkpoints" / str(step)
+  files = [p for p in step_dir.rglob("*") if p.is_file()]
+  biggest = max(files, key=lambda p: p.stat().st_size)
+  data = bytearray(biggest.read_bytes())
+  data[len(data) // 2] ^= 0x10  # one bit
+  biggest.write_bytes(bytes(data))
+  return biggest.relative_to(step_dir)
+
+
+def test_a_corrupted_step_is_detected_never_trained_on_and_never_deleted(reference_run, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(reference_run[0], workdir)
+  damaged = _corrupt_latest(workdir, 24)
+  ev = _run("evaluate.py", workdir, "--batches=2")
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  assert f"checkpoint step 24 in {workdir}/checkpoints is not used: {damaged}: checksum " \
+         "mismatch" in ev.stdout
+  assert "using step 20, the newest checkpoint that verifies" in ev.stdout
+  assert "step 20: held-out loss" in ev.stdout
+  asked = _run("sample.py", workdir, "--step=24", "--config.sample.max_new_tokens=4")
+  assert asked.returncode == 1 and asked.stderr.strip().splitlines()[-1].startswith(
+      f"error: checkpoint step 24 in {workdir}/checkpoints fails verification: {damaged}")
+  step0 = _run("evaluate.py", workdir, "--step=0", "--batches=1")
+  assert step0.returncode == 1 and "no checkpoint at step 0" in step0.stderr
+  # Training resumes from the newest good step, the bad one moved aside (kept).
+  resumed = _run("train.py", workdir, *COMMON)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from step 20" in resumed.stdout
+  assert "moved step(s) [24] (newer than step 20)" in resumed.stdout
+  aside = list((tmp_path / "run" / "checkpoints-set-aside").iterdir())
+  assert [p.name.split("-")[0] for p in aside] == ["24"] and aside[0].name.endswith("verification")
+  flat = lambda d: dict(_flatten(_state(d, 24)))  # noqa: E731
+  want, got = flat(reference_run[0]), flat(workdir)
+  for key, value in want.items():
+    np.testing.assert_array_equal(got[key], value, err_msg=key)  # retrained: bitwise the same
+
+
+def test_resume_explains_itself(reference_run, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(reference_run[0], workdir)
+  done = _run("train.py", workdir, *COMMON)
+  assert done.returncode == 0 and "already at step 24 (config.train.steps=24); nothing to do" \
+      in done.stdout
+  other = _run("train.py", workdir, *COMMON, "--config.train.steps=30", "--config.train.seq_len=32")
+  assert other.returncode == 1 and "config.train.seq_len: saved 64, now 32" in other.stderr
+  assert f"--config.train.init_from={workdir}/checkpoints/24" in other.stderr
+  # Fine-tuning from those weights in a new workdir: fresh optimizer, step counter and data.
+  tuned = _run("train.py", tmp_path / "tuned", "--config.train.steps=4", "--config.train.seq_len=32",
+               "--config.train.log_every=2", f"--config.train.init_from={workdir}/checkpoints/24")
+  assert tuned.returncode == 0, tuned.stderr[-3000:]
+  assert f"initialised from the weights of {workdir}/checkpoints/24" in tuned.stdout
+  first = _records(tmp_path / "tuned")[0]
+  assert first["step"] == 2 and first["ce"] < _records(reference_run[0])[0]["ce"] - 1.0
+  # --step=N rolls back (newer steps moved aside, kept); --step=0 starts from the initialisation.
+  back = _run("train.py", workdir, *COMMON, "--step=10", "--config.train.steps=12")
+  assert back.returncode == 0, back.stderr[-3000:]
+  assert "resumed from step 10" in back.stdout and "moved step(s) [20, 24] (newer than step 10)" \
+      in back.stdout
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["10", "12"]
+
+
+def test_ctrl_c_saves_and_exits_75_and_a_second_run_on_a_live_workdir_is_refused(tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(_cmd("train.py", workdir, "--config.train.steps=100000",
+                               "--config.checkpoint.every=100000", "--config.train.log_every=2"),
+                          env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and not (
+      (workdir / "metrics.jsonl").exists() and _records(workdir)):
+    time.sleep(0.2)
+  second = _run("train.py", workdir, "--config.train.steps=100000")
+  assert second.returncode == 1
+  assert f"error: {workdir} is in use by pid {proc.pid} on host" in second.stderr
+  proc.send_signal(signal.SIGINT)
+  stdout, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 75, stderr[-3000:]
+  assert "Traceback" not in stderr
+  saved = int(stdout.split("SIGINT: saved step ")[1].split()[0])
+  assert (workdir / "checkpoints" / str(saved) / "checksums.json").is_file()
+  assert not (workdir / "LOCK").exists()
+
+
+def test_bad_workdirs_are_refused_and_evaluate_creates_nothing(tmp_path):
+  a_file = tmp_path / "file"
+  a_file.write_text("")
+  proc = _run("train.py", a_file, "--config.train.steps=2")
+  assert proc.returncode == 1 and proc.stderr.strip() == (
+      f"error: --workdir={a_file} is a file, not a folder; give a folder path")
+  missing = tmp_path / "missing"
+  proc = _run("evaluate.py", missing)
+  assert proc.returncode == 1 and "does not exist" in proc.stderr and not missing.exists()
 
 
 def test_cpu_xla_flags_are_appended_but_a_users_setting_wins(monkeypatch):
