@@ -7,6 +7,7 @@ Layers, lowest first (a module may import its own package and anything below it)
   model                              the layers and the decoder
   inference, interop, analytics      use the model (interop never imports train/)
   train                              the step, losses, data, checkpoints, trainer
+  rl                                 post-training (reuses the train step with its own losses)
   convert                            the conversion CLI
 pallas_kernels never imports deepseek_jax, and nothing imports experiments/.
 Every import counts, including those inside functions.
@@ -19,7 +20,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RANK = {"typed_fields": 0, "config": 1, "cli": 2, "ops": 2, "parallel": 3, "model": 4,
-        "inference": 5, "interop": 5, "analytics": 5, "train": 6, "convert": 7}
+        "inference": 5, "interop": 5, "analytics": 5, "train": 6, "rl": 7, "convert": 7}
 
 
 def _imports(path: pathlib.Path) -> set[str]:

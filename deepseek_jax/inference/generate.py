@@ -54,11 +54,14 @@ class SamplingConfig:
       raise ValueError(f"SamplingConfig.top_k must be >= 0, got {self.top_k}")
 
 
-def sample_logits(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.Array:
-  """Next tokens [B] from logits [B, V] (float32): greedy, temperature, top-k, nucleus."""
+def sampling_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
+  """The logits [..., V] of the distribution ``sampling`` draws from, float32: divided by the
+  temperature, then -inf outside the top-k and outside the nucleus (top-p). Temperature 0
+  (greedy) leaves the logits as they are (temperature 1, no filter): the log-probabilities
+  ``generate`` reports for greedy tokens are the model's own."""
   logits = logits.astype(jnp.float32)
   if sampling.temperature == 0.0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return logits
   logits = logits / sampling.temperature
   if sampling.top_k:
     kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
@@ -70,14 +73,35 @@ def sample_logits(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -
     cutoff = jnp.min(jnp.where(mass_before < sampling.top_p, sorted_logits, jnp.inf), axis=-1,
                      keepdims=True)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  return logits
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.Array:
+  """Next tokens [B] from logits [B, V] (float32): greedy, temperature, top-k, nucleus."""
+  if sampling.temperature == 0.0:
+    return jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
+  return jax.random.categorical(rng, sampling_logits(logits, sampling), axis=-1).astype(jnp.int32)
+
+
+def _sample(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig):
+  """(tokens [B] int32, their log-probabilities [B] float32 under ``sampling_logits``)."""
+  token = sample_logits(logits, rng, sampling)
+  log_probs = jax.nn.log_softmax(sampling_logits(logits, sampling), axis=-1)
+  return token, jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
 
 
 class GenerateOutput(NamedTuple):
-  """What ``generate`` returns: the new tokens of each row and how many of them are real."""
+  """What ``generate`` returns: the new tokens of each row, how many of them are real, and
+  (``return_log_probs=True``) each token's log-probability under the sampling distribution."""
 
   tokens: jax.Array  # [B, N] generated tokens (stop token included), pad_id afterwards
   lengths: jax.Array  # [B] number of generated tokens per row
+  log_probs: Optional[jax.Array] = None  # [B, N] float32, 0 past each row's length
+
+  def mask(self) -> jax.Array:
+    """[B, N] float32 completion mask: 1 on each row's real tokens (its stop token included),
+    0 on the padding after it."""
+    return (jnp.arange(self.tokens.shape[1])[None, :] < self.lengths[:, None]).astype(jnp.float32)
 
 
 def _prompt_arrays(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -126,13 +150,16 @@ def cache_slots(prompt_len: int, max_new_tokens: int, max_seq_len: int) -> int:
 def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
              stop_tokens: Sequence[int] = (), pad_id: int = 0, rng: Optional[jax.Array] = None,
              cache_kind: Optional[str] = None, absorb: Optional[bool] = None,
-             prompt_bucket: int = 64) -> GenerateOutput:
+             prompt_bucket: int = 64, return_log_probs: bool = False) -> GenerateOutput:
   """Generate up to ``max_new_tokens`` per prompt.
 
   prompts: a list of token-id lists (any lengths), or (tokens [B, P], lengths [B]) arrays
   (columns past each row's length are padding and are ignored). prompt_bucket: prompts are
   right-padded to a multiple of it (capped at max_seq_len), so similar lengths share one
-  compiled program. Returns GenerateOutput(tokens [B, max_new_tokens] int32, lengths [B]).
+  compiled program. Returns GenerateOutput(tokens [B, max_new_tokens] int32, lengths [B],
+  log_probs): with ``return_log_probs`` the log-probability [B, max_new_tokens] (float32) of
+  each sampled token under the distribution it was drawn from (``sampling_logits``:
+  temperature, top-k, top-p applied; 0 after a row's length) -- the rollout log-probs of RL.
 
   Raises ValueError if max_new_tokens < 1 or prompt_bucket < 1, a prompt is empty, prompt
   arrays have the wrong shapes or lengths, or the longest real prompt + max_new_tokens exceeds
@@ -156,13 +183,14 @@ def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingConfig = 
   graphdef, state = nnx.split(model)
   return _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), rng,
                    jnp.asarray(stop_tokens, jnp.int32), max_new_tokens=max_new_tokens,
-                   sampling=sampling, cache_kind=cache_kind, absorb=absorb, pad_id=pad_id)
+                   sampling=sampling, cache_kind=cache_kind, absorb=absorb, pad_id=pad_id,
+                   return_log_probs=return_log_probs)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling",
-                                             "cache_kind", "absorb", "pad_id"))
+                                             "cache_kind", "absorb", "pad_id", "return_log_probs"))
 def _generate(graphdef, state, tokens, lengths, rng, stop_tokens, *, max_new_tokens, sampling,
-              cache_kind, absorb, pad_id):
+              cache_kind, absorb, pad_id, return_log_probs):
   model = nnx.merge(graphdef, state)
   batch, prompt_len = tokens.shape
   slots = cache_slots(prompt_len, max_new_tokens, model.config.max_seq_len)
@@ -173,25 +201,30 @@ def _generate(graphdef, state, tokens, lengths, rng, stop_tokens, *, max_new_tok
   last_hidden = prefill.hidden[jnp.arange(batch), lengths - 1]
   last_logits = model.head(last_hidden[:, None])[:, 0]
   rng, key = jax.random.split(rng)
-  first = sample_logits(last_logits, key, sampling)
+  first, first_lp = _sample(last_logits, key, sampling)
   out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+  # (log-probs computed either way; XLA drops them when they are not returned)
+  log_probs = jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(first_lp)
   done = jnp.isin(first, stop_tokens)
 
   def keep_going(carry):
-    step, _, _, _, _, done = carry
+    step, *_, done = carry
     return (step < max_new_tokens) & ~jnp.all(done)
 
   def decode_step(carry):
-    step, cache, previous, rng, out, done = carry
+    step, cache, previous, rng, out, log_probs, done = carry
     result = model(previous[:, None], cache=cache, cache_index=lengths + step - 1, absorb=absorb)
     rng, key = jax.random.split(rng)
-    token = jnp.where(done, pad_id, sample_logits(result.logits[:, 0], key, sampling))
+    token, lp = _sample(result.logits[:, 0], key, sampling)
+    token = jnp.where(done, pad_id, token)
     out = out.at[:, step].set(token)
+    log_probs = log_probs.at[:, step].set(jnp.where(done, 0.0, lp))
     done = done | jnp.isin(token, stop_tokens)
-    return step + 1, result.cache, token, rng, out, done
+    return step + 1, result.cache, token, rng, out, log_probs, done
 
-  carry = (jnp.int32(1), prefill.cache, first, rng, out, done)
-  step, *_, out, done = jax.lax.while_loop(keep_going, decode_step, carry)
+  carry = (jnp.int32(1), prefill.cache, first, rng, out, log_probs, done)
+  step, *_, out, log_probs, done = jax.lax.while_loop(keep_going, decode_step, carry)
   is_stop = jnp.isin(out, stop_tokens)
   first_stop = jnp.where(is_stop.any(-1), jnp.argmax(is_stop, axis=-1) + 1, step)
-  return GenerateOutput(out, jnp.minimum(first_stop, step))
+  return GenerateOutput(out, jnp.minimum(first_stop, step),
+                        log_probs if return_log_probs else None)

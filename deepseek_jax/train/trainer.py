@@ -448,7 +448,8 @@ def _sample_state(setup: Setup, graphdef, state: TrainState, prompts=None) -> li
                  sampling=SamplingConfig(temperature=c.sample.temperature),
                  stop_tokens=[tok.eos_id] if tok.eos_id is not None else [],
                  pad_id=tok.pad_id, rng=jax.random.key(c.seed))
-  tokens, lengths = (multihost_utils.process_allgather(a, tiled=True) for a in out)
+  tokens, lengths = (multihost_utils.process_allgather(a, tiled=True)
+                     for a in (out.tokens, out.lengths))
   texts = []
   for prompt, row, n in zip(prompts, np.asarray(tokens), np.asarray(lengths)):
     texts.append(prompt + tok.decode(row[:n]))

@@ -104,3 +104,28 @@ def test_generation_rejects_bad_requests(model):
     generate(model, [[]], max_new_tokens=2)
   with pytest.raises(ValueError, match="top_p"):
     SamplingConfig(top_p=0.0)
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=0.7),
+                                      SamplingConfig(temperature=1.3, top_p=0.9, top_k=50)],
+                         ids=["greedy", "temperature", "top_p_top_k"])
+def test_rollout_log_probs_equal_a_full_forward_recompute(model, sampling):
+  """The log-probs RL needs: each generated token's log-probability under the distribution it
+  was sampled from, equal (f32) to a forward pass over prompt + completion without a cache."""
+  from deepseek_jax.inference.generate import sampling_logits
+  stop = 7
+  out = generate(model, PROMPTS, max_new_tokens=10, sampling=sampling, rng=jax.random.key(3),
+                 stop_tokens=[stop], pad_id=0, return_log_probs=True)
+  tokens, lengths, log_probs = (np.asarray(a) for a in out)
+  mask = np.asarray(out.mask())
+  assert mask.sum(1).tolist() == lengths.tolist()
+  assert np.all(log_probs[mask == 0] == 0.0) and np.all(log_probs[mask == 1] <= 0.0)
+  for row, prompt in enumerate(PROMPTS):
+    n = int(lengths[row])
+    full = np.array(list(prompt) + tokens[row, :n].tolist())[None]
+    logits = forward(model, jnp.asarray(full)).logits[0, len(prompt) - 1:len(prompt) - 1 + n]
+    want = jax.nn.log_softmax(sampling_logits(logits, sampling), axis=-1)
+    want = np.take_along_axis(np.asarray(want), tokens[row, :n, None], axis=-1)[:, 0]
+    np.testing.assert_allclose(log_probs[row, :n], want, atol=1e-5, rtol=0)
+  # Off by default: nothing extra is returned.
+  assert generate(model, PROMPTS, max_new_tokens=4).log_probs is None
