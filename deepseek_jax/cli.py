@@ -82,16 +82,48 @@ def error_line(e: BaseException) -> str:
   denied, ...); anything else is unexpected and says how to see the traceback.
   """
   if isinstance(e, (ValueError, FileNotFoundError, FileExistsError, RunError)):
-    return f"error: {e}".replace("\n", "; ")
+    return _capped(f"error: {e}".replace("\n", "; "))
   if isinstance(e, OSError):
     where = f"{e.filename}: " if e.filename else ""
     reason = e.strerror or str(e)
-    hint = "; free space and rerun (the last complete checkpoint is kept)" if (
-        e.errno == errno.ENOSPC) else ""
-    return f"error: {where}{reason}{hint}"
+    hint = "; free space there and rerun" if e.errno == errno.ENOSPC else ""
+    return _capped(f"error: {where}{reason}{hint}")
   first = (str(e).strip().splitlines() or [""])[0]
-  return (f"error: unexpected {type(e).__name__}: {first} (rerun with --verbosity=1 to see "
-          "the traceback)")
+  return _capped(f"error: unexpected {type(e).__name__}: {first}") + (
+      " (rerun with --verbosity=1 to see the traceback)")
+
+
+MAX_ERROR_CHARS = 600
+
+
+def _capped(line: str) -> str:
+  """A library's message can list a whole pytree; one line stays readable."""
+  if len(line) <= MAX_ERROR_CHARS:
+    return line
+  return line[:MAX_ERROR_CHARS] + f" ... [{len(line) - MAX_ERROR_CHARS} more characters; " \
+      "--verbosity=1 shows all]"
+
+
+def _is_closed_loop_noise(exc) -> bool:
+  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _quiet_background_noise() -> None:
+  """After a failed asynchronous save, tensorstore's pending writes call back into orbax's
+  already-closed asyncio loop and print "RuntimeError: Event loop is closed" dozens of times
+  (harmless: the save has failed and is reported in one line). Those, and only those, are
+  dropped."""
+  previous_except, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+  def excepthook(kind, value, tb):
+    if not _is_closed_loop_noise(value):
+      previous_except(kind, value, tb)
+
+  def unraisablehook(info):
+    if not _is_closed_loop_noise(info.exc_value):
+      previous_unraisable(info)
+
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 
 def run_cli(fn, *args, **kwargs):
@@ -106,6 +138,8 @@ def run_cli(fn, *args, **kwargs):
     # a failed save that the run reports in one line); --verbosity=0 turns them on.
     absl_logging.set_verbosity(absl_logging.FATAL)
     logging.getLogger().setLevel(logging.CRITICAL)
+  if not (flags.FLAGS.is_parsed() and flags.FLAGS.verbosity >= 1):
+    _quiet_background_noise()
   try:
     return fn(*args, **kwargs)
   except Exception as e:  # noqa: BLE001 (one line for every failure; see error_line)

@@ -12,7 +12,7 @@ from deepseek_jax import cli
      "error: config.train.steps: must be positive, got 0"),
     (cli.RunError("loss is not finite at step 3"), "error: loss is not finite at step 3"),
     (OSError(errno.ENOSPC, "No space left on device", "/ckpt/100/state"),
-     "error: /ckpt/100/state: No space left on device; free space and rerun"),
+     "error: /ckpt/100/state: No space left on device; free space there and rerun"),
     (PermissionError(errno.EACCES, "Permission denied", "/ro/workdir"),
      "error: /ro/workdir: Permission denied"),
     (KeyError("next_index"), "error: unexpected KeyError: 'next_index' (rerun with --verbosity=1"),
@@ -27,3 +27,14 @@ def test_each_failure_is_one_error_line_and_exit_code_1(capsys, exc, line):
   assert stop.value.code == 1
   err = capsys.readouterr().err
   assert err.startswith(line) and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_huge_library_message_is_cut_to_one_readable_line(capsys):
+  def fail():
+    raise ValueError("tree structures do not match: " + "ShapeDtypeStruct(shape=(64,)), " * 900)
+
+  with pytest.raises(SystemExit):
+    cli.run_cli(fail)
+  err = capsys.readouterr().err
+  assert err.startswith("error: tree structures do not match") and err.count("\n") == 1
+  assert len(err) < cli.MAX_ERROR_CHARS + 100 and "more characters; --verbosity=1" in err

@@ -490,10 +490,17 @@ def save_hf_checkpoint(model: DeepSeekModel, directory: str, *, expert_layout: s
 
   staging = os.path.abspath(directory).rstrip("/") + f".partial-{os.getpid()}"
   shutil.rmtree(staging, ignore_errors=True)
-  names = write_checkpoint(staging, [plan(e) for e in weight_entries(cfg, expert_layout)],
-                           max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
-  with open(os.path.join(staging, "config.json"), "w") as f:
-    json.dump(hf, f, indent=2)
+  try:
+    names = write_checkpoint(staging, [plan(e) for e in weight_entries(cfg, expert_layout)],
+                             max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
+    with open(os.path.join(staging, "config.json"), "w") as f:
+      json.dump(hf, f, indent=2)
+  except OSError as e:  # nothing half-written stays behind; the error names where
+    shutil.rmtree(staging, ignore_errors=True)
+    raise OSError(e.errno, e.strerror or str(e), e.filename or directory) from e
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
   if os.path.isdir(directory):
     os.rmdir(directory)  # empty, checked above
   os.rename(staging, directory)

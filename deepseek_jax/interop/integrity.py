@@ -128,12 +128,13 @@ class Choice:
 
 
 def choose_step(root, requested: Optional[int] = None, *,
-                report: Callable[[str], None] = print) -> Choice:
+                report: Callable[[str], None] = print, hint: str = "") -> Choice:
   """The step to restore from ``root``.
 
   ``requested`` (an int, 0 included) must exist and verify (a step without checksums is
   accepted with a warning: asking for it by number is the way to read one); otherwise the newest step that
-  verifies, reporting each newer step passed over in one line. Raises FileNotFoundError for a
+  verifies, reporting each newer step passed over in one line (``hint`` is added to the error
+  when none verifies: the caller's own way out). Raises FileNotFoundError for a
   requested step that does not exist and CheckpointIntegrityError when the requested step, or
   every step, fails verification.
   """
@@ -159,11 +160,14 @@ def choose_step(root, requested: Optional[int] = None, *,
         report(f"using step {step}, the newest checkpoint that verifies")
       return Choice(step, skipped)
     skipped[step] = problem
-    report(f"warning: checkpoint step {step} in {where} is not used: {problem} (kept as it is)")
+    report(f"warning: checkpoint step {step} in {where} is not used: {problem} (not deleted)")
   if skipped:
+    unverified = sorted(s for s, why in skipped.items() if is_unverified(why))
+    ways = ([f"--step=N reads a step without checksums ({unverified})"] if unverified else [])
+    ways += [hint] if hint else []
     raise CheckpointIntegrityError(
-        f"no checkpoint in {where} verifies (steps {sorted(skipped)}); pass --step=N to read an "
-        "unverified step, or use a new --workdir")
+        f"no checkpoint in {where} verifies (steps {sorted(skipped)}); "
+        + "; ".join(ways + ["or use a new --workdir"]))
   return Choice(None, {})
 
 

@@ -105,20 +105,35 @@ def save_model(model: DeepSeekModel, directory: str, *, step: int = 0,
   return os.path.join(root, str(step))
 
 
+def saved_record(step_dir: str) -> dict:
+  """The config record saved beside a step (``model_config``, and for training runs the
+  ``experiment`` config)."""
+  root, step = os.path.dirname(os.path.abspath(step_dir)), int(os.path.basename(step_dir))
+  manager = _manager(root)
+  try:
+    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  finally:
+    manager.close()
+
+
 def load_model(directory: str, *, step: Optional[int] = None, mesh: Optional[Mesh] = None,
-               rules: str = "fsdp", execution: Optional[Execution] = None) -> DeepSeekModel:
+               rules: str = "fsdp", execution: Optional[Execution] = None,
+               config: Optional[ModelConfig] = None, verified: bool = False) -> DeepSeekModel:
   """The model saved in a training workdir or a parameters checkpoint (latest step by default),
   restored straight into its shardings (``mesh``) or onto the first device. ``execution``:
-  as ``load_hf_checkpoint``'s. The step is verified first (``resolve_checkpoint``). Raises
+  as ``load_hf_checkpoint``'s. ``config``: the model to restore into (default: the saved
+  one; the caller checks they agree). The step is verified first (``resolve_checkpoint``;
+  ``verified=True``: the caller has, and ``directory`` is the step folder). Raises
   FileNotFoundError for a missing directory or step, integrity.CheckpointIntegrityError for a
   step whose files changed, and ValueError for a checkpoint without a model_config."""
-  root, step = resolve_checkpoint(directory, step)
-  manager = _manager(root)
-  record = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  manager.close()
+  if verified:
+    root, step = os.path.dirname(os.path.abspath(directory)), int(os.path.basename(directory))
+  else:
+    root, step = resolve_checkpoint(directory, step)
+  record = saved_record(os.path.join(root, str(step)))
   if "model_config" not in record:
     raise ValueError(f"{root}/{step} has no model_config; it was not written by deepseek-jax")
-  cfg = ModelConfig(**record["model_config"])
+  cfg = config or ModelConfig(**record["model_config"])
   execution = execution or resolve_execution(cfg, mesh, expert_parallel=False)
   graphdef, params, rest = nnx.split(abstract_model(cfg, execution), *_SPLIT)
   shardings = (placement(params, mesh, rules), placement(rest, mesh, rules))

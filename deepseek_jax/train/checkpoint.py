@@ -86,10 +86,11 @@ class Checkpointer:
     """Steps with checksums (written by this run or found at start), oldest first."""
     return list(self._sealed)
 
-  def choose(self, requested: Optional[int] = None, report=print) -> integrity.Choice:
+  def choose(self, requested: Optional[int] = None, report=print,
+             hint: str = "") -> integrity.Choice:
     """The step to restore: ``requested`` (verified), else the newest step that verifies
     (``integrity.choose_step``)."""
-    return integrity.choose_step(self.directory, requested, report=report)
+    return integrity.choose_step(self.directory, requested, report=report, hint=hint)
 
   def set_aside(self, steps, why: str):
     """Move ``steps`` out of the checkpoint directory (kept, not deleted) so this run can save

@@ -40,8 +40,9 @@ from deepseek_jax.parallel.partitioning import (batch_sharding, get_rules, repli
                                                 replication_summary)
 from deepseek_jax.train import config as config_lib
 from deepseek_jax.train import data as data_lib
+from deepseek_jax.interop import integrity
 from deepseek_jax.interop.integrity import step_directories
-from deepseek_jax.interop.orbax_params import load_model, resolve_checkpoint
+from deepseek_jax.interop.orbax_params import load_model, resolve_checkpoint, saved_record
 from deepseek_jax.train.checkpoint import (Checkpointer, check_compatible, check_data_position,
                                            config_record)
 from deepseek_jax.train.loss import PretrainLoss, loss_fn
@@ -173,9 +174,19 @@ def restore_or_init(setup: Setup, ckpt: Checkpointer, data_iter, step: Optional[
   init; ``step=0``: the initialisation; ``step=N``: checkpoint N (it must verify). Newer steps
   than the one started from are set aside (kept) so this run can save their numbers again;
   a resume that would reinterpret the saved data position is refused."""
-  choice = ckpt.choose(None if step == 0 else step, report=say)
+  if step == 0:  # the initialisation: every saved step is newer
+    choice = integrity.Choice(None, {})
+  else:
+    choice = ckpt.choose(step, report=say, hint="or --step=0 to start from the initialisation")
   start = choice.step or 0
-  newer = sorted(s for s in step_directories(ckpt.directory) if s > start)
+  newer = sorted(s for s in step_directories(ckpt.directory) if s > start or
+                 (step == 0 and s == 0))
+  if choice.step is not None and not os.path.isdir(os.path.join(ckpt.directory, str(start),
+                                                                "data")):
+    raise ValueError(
+        f"{ckpt.directory}/{start} holds weights only (a parameters checkpoint: no optimizer "
+        "state or data position), so a run cannot resume it; to fine-tune from it, use a new "
+        f"--workdir with --config.train.init_from={os.path.dirname(ckpt.directory)}")
   if start:
     saved, now = ckpt.saved_config(start), config_record(setup.config, setup.model_cfg)
     check_compatible(saved, now, ckpt.directory)
@@ -227,7 +238,8 @@ def _restore(setup: Setup, ckpt: Checkpointer, step: int, data_iter=None):
 
 class _Preemption:
   """SIGTERM or Ctrl-C (SIGINT) sets a flag; the loop saves at the next step and stops (a
-  second Ctrl-C interrupts at once). With several processes the flags are all-gathered every
+  second Ctrl-C interrupts at once; while XLA compiles, Python sees signals only when the
+  compile returns, and two Ctrl-C then count as one). With several processes the flags are all-gathered every
   step (plus jax's preemption sync point), so every process stops at, and saves, the same step
   even when the signal reaches the hosts at different steps (a process alone in a collective
   save would hang)."""
@@ -279,9 +291,10 @@ def _diverged(ckpt: Checkpointer, step: int, what: str) -> TrainingDiverged:
     pass
   good = ckpt.sealed_steps()[-1] if ckpt.sealed_steps() else None
   return TrainingDiverged(
-      f"{what} at step {step}; stopped without saving it.{moved} Last good checkpoint: "
-      f"{'step ' + str(good) if good else 'none'} in {ckpt.directory}. Lower "
-      "config.optimizer.learning_rate or raise warmup_steps, then rerun to resume from it")
+      f"{what} at step {step}; stopped without saving it.{moved} "
+      + (f"Last good checkpoint: step {good} in {ckpt.directory}. " if good else
+         "No good checkpoint yet. ") + "Lower config.optimizer.learning_rate or raise "
+      "warmup_steps, then rerun" + (" to resume from it" if good else " to start again"))
 
 
 def train(config, workdir: str, step: Optional[int] = None) -> dict:
@@ -292,6 +305,10 @@ def train(config, workdir: str, step: Optional[int] = None) -> dict:
   Raises WorkdirLocked, TrainingDiverged, SaveFailed, CheckpointIntegrityError and ValueError
   for bad input, each with one line naming the field, file or step."""
   check_workdir(workdir)
+  source = config.train.init_from
+  if source and "://" not in source and not os.path.exists(source):
+    raise FileNotFoundError(f"config.train.init_from={source} does not exist; give a training "
+                            "workdir, a step folder .../checkpoints/N or a parameters checkpoint")
   setup = start_setup(config)
   c = config
   say(f"model {setup.model_cfg.name}: {analytics.summary(setup.model_cfg, c.train.seq_len)}")
@@ -301,13 +318,16 @@ def train(config, workdir: str, step: Optional[int] = None) -> dict:
   lock = WorkdirLock(workdir, report=say)
   if jax.process_index() == 0:
     lock.acquire()
+  preemption = _Preemption()  # from here on, SIGTERM / Ctrl-C save the step the loop reaches
   try:
-    return _train_locked(setup, workdir, step)
+    return _train_locked(setup, workdir, step, preemption)
   finally:
+    preemption.restore()
     lock.release()
 
 
-def _train_locked(setup: Setup, workdir: str, requested: Optional[int]) -> dict:
+def _train_locked(setup: Setup, workdir: str, requested: Optional[int],
+                  preemption: "_Preemption") -> dict:
   c, mesh = setup.config, setup.mesh
   data_iter = iter(make_data(setup))
   ckpt = _checkpointer(setup, workdir)
@@ -337,7 +357,6 @@ def _train_locked(setup: Setup, workdir: str, requested: Optional[int]) -> dict:
                          n_devices=jax.device_count(), peak_flops=peak,
                          tensorboard=c.metrics.tensorboard, resume_step=start)
   record_cfg = config_record(c, setup.model_cfg)
-  preemption = _Preemption()
   record: dict = {}
   failed = True
   check_next = start + 1  # this step's metrics judge the state saved (or restored) before it
@@ -385,7 +404,6 @@ def _train_locked(setup: Setup, workdir: str, requested: Optional[int]) -> dict:
     ckpt.wait()
     failed = False
   finally:
-    preemption.restore()
     logger.close()
     if failed:
       try:  # the error in flight is the one to report; a save still running is abandoned
@@ -459,22 +477,22 @@ def _sample_state(setup: Setup, graphdef, state: TrainState, prompts=None) -> li
 
 def _load_for_inference(config, workdir: str, step: Optional[int]):
   """Read-only: the workdir must exist (nothing is created); ``step`` (0 included) or the
-  newest checkpoint that verifies."""
+  newest checkpoint that verifies. Only the weights are read, so a training workdir and a
+  parameters checkpoint (convert --to_orbax) both work."""
   check_workdir(workdir, must_exist=True)
   setup = start_setup(config)
   root = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(root):
     raise FileNotFoundError(f"no checkpoints in {workdir}; train first with --workdir={workdir}")
-  ckpt = _checkpointer(setup, workdir, create=False)
-  try:
-    step = ckpt.choose(step, report=say).step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first with "
-                              f"--workdir={workdir}")
-    graphdef, state, _ = _restore(setup, ckpt, step)
-  finally:
-    ckpt.manager.close()
-  return setup, graphdef, state, step
+  step = integrity.choose_step(root, step, report=say).step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {root}; train first with --workdir={workdir}")
+  step_dir = os.path.join(root, str(step))
+  check_compatible(saved_record(step_dir), config_record(setup.config, setup.model_cfg), root)
+  model = load_model(step_dir, mesh=setup.mesh, rules=setup.config.partitioning.rules,
+                     execution=setup.execution, config=setup.model_cfg, verified=True)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return setup, graphdef, TrainState(None, params, rest, None), step
 
 
 def evaluate(config, workdir: str, step: Optional[int] = None, max_batches: Optional[int] = None):

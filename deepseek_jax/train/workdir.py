@@ -1,11 +1,11 @@
 """The workdir: checked before anything is created in it, and held by one run at a time.
 
 ``check_workdir`` refuses an empty path, a file, or a folder that cannot be written, before any
-directory is made. ``WorkdirLock`` is ``<workdir>/LOCK`` (JSON: pid, host, start time), created
-atomically by the run's first process and refreshed by a heartbeat thread every
+directory is made. ``WorkdirLock`` is ``<workdir>/LOCK`` (JSON: pid, host, start time), written whole and
+linked into place atomically by the run's first process and refreshed by a heartbeat thread every
 ``HEARTBEAT_S``. A second run on a live workdir is refused, naming the holder. A lock is stale,
-and taken over with a message, when its pid is gone on this host or when its heartbeat is older
-than ``STALE_AFTER_S`` (a run killed on another host); it is removed when the run ends.
+and taken over with a message, when its pid is gone on this host, when it is unreadable (a
+live lock is never partial), or when its heartbeat is older than ``STALE_AFTER_S`` (a run killed on another host); it is removed when the run ends.
 """
 
 from __future__ import annotations
@@ -69,6 +69,30 @@ def _writable(folder: str) -> bool:
     return False
 
 
+def _link_or_create(staging: str, path: str) -> None:
+  """Put ``staging``'s content at ``path``; FileExistsError if ``path`` exists. A hard link
+  where the filesystem has them, else an exclusive create and a copy."""
+  try:
+    os.link(staging, path)
+    return
+  except FileExistsError:
+    raise
+  except OSError:
+    pass
+  with open(staging) as f:
+    content = f.read()
+  fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+  with os.fdopen(fd, "w") as f:
+    f.write(content)
+
+
+def _remove(path: str) -> None:
+  try:
+    os.remove(path)
+  except OSError:
+    pass
+
+
 def _alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)
@@ -99,13 +123,15 @@ class WorkdirLock:
     except FileNotFoundError:
       return None
     except (OSError, ValueError):
-      return {}  # unreadable: judged by its age alone
+      return {}  # unreadable or empty
 
   def _stale(self, holder: dict) -> Optional[str]:
     try:
       age = time.time() - os.path.getmtime(self.path)
     except FileNotFoundError:
       return "gone"
+    if not holder:
+      return "unreadable (locks are written whole, so no live run wrote it)"
     if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
       if not _alive(holder["pid"]):
         return f"pid {holder['pid']} is no longer running"
@@ -120,9 +146,24 @@ class WorkdirLock:
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     record = {"pid": os.getpid(), "host": socket.gethostname(),
               "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    # Written whole under a private name, then linked into place (atomic, fails if LOCK exists):
+    # a reader never sees a partial LOCK, and a full disk fails here, naming the path.
+    staging = f"{self.path}.{socket.gethostname()}.{os.getpid()}"
+    try:
+      with open(staging, "w") as f:
+        json.dump(record, f)
+    except OSError as e:
+      _remove(staging)
+      raise OSError(e.errno, e.strerror, self.path) from e
+    try:
+      self._take(staging)
+    finally:
+      _remove(staging)
+
+  def _take(self, staging: str) -> None:
     for _ in range(3):
       try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        _link_or_create(staging, self.path)
       except FileExistsError:
         holder = self._holder()
         if holder is None:
@@ -140,8 +181,6 @@ class WorkdirLock:
         except FileNotFoundError:
           pass
         continue
-      with os.fdopen(fd, "w") as f:
-        json.dump(record, f)
       self.held = True
       self._thread = threading.Thread(target=self._heartbeat, daemon=True, name="workdir-lock")
       self._thread.start()

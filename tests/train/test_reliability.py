@@ -107,7 +107,7 @@ def test_a_damaged_latest_step_is_named_and_the_newest_good_step_is_used(tmp_pat
   choice = integrity.choose_step(str(tmp_path), report=said.append)
   assert choice.step == 2 and list(choice.skipped) == [3]
   assert said[0].startswith(f"warning: checkpoint step 3 in {tmp_path} is not used: ")
-  assert REASON[damage] in said[0] and "kept as it is" in said[0]
+  assert REASON[damage] in said[0] and "(not deleted)" in said[0]
   assert said[1] == "using step 2, the newest checkpoint that verifies"
   with pytest.raises(integrity.CheckpointIntegrityError,
                      match=f"step 3 in {tmp_path} fails verification: .*{REASON[damage]}"):
@@ -257,6 +257,14 @@ def test_one_live_run_per_workdir_and_stale_locks_are_taken_over(tmp_path, monke
   assert f"pid {gone.pid} is no longer running" in said[0]
   taker.release()
 
+  # An unreadable or empty LOCK was not written by a live run (locks are written whole).
+  lock_file.write_text("")
+  said.clear()
+  taker = W.WorkdirLock(str(tmp_path), report=said.append)
+  taker.acquire()
+  assert "unreadable" in said[0] and json.loads(lock_file.read_text())["pid"] == os.getpid()
+  taker.release()
+
   # Another host: judged by the heartbeat (the lock's age).
   lock_file.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "then"}))
   with pytest.raises(W.WorkdirLocked, match="pid 1 on host elsewhere .*delete .*LOCK"):
@@ -325,3 +333,22 @@ def test_a_parameters_checkpoint_is_sealed_and_verified_on_load(tmp_path, make_m
   _flip_bit(_largest_file(step_dir))
   with pytest.raises(integrity.CheckpointIntegrityError, match="no checkpoint in .* verifies"):
     load_model(str(tmp_path / "params"))
+
+
+def test_an_hf_export_that_fails_leaves_no_staging_folder(tmp_path, make_model, monkeypatch):
+  from deepseek_jax.interop import hf_checkpoint
+
+  def full_disk(directory, plans, **kwargs):
+    os.makedirs(directory)
+    with open(os.path.join(directory, "model-00001-of-00002.safetensors"), "wb") as f:
+      f.write(b"partial")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(hf_checkpoint, "write_checkpoint", full_disk)
+  target = tmp_path / "hf"
+  with pytest.raises(OSError) as failure:
+    hf_checkpoint.save_hf_checkpoint(make_model(), str(target))
+  assert failure.value.filename == str(target)
+  assert error_line(failure.value) == (f"error: {target}: No space left on device; free space "
+                                       "there and rerun")
+  assert os.listdir(tmp_path) == []  # neither the target nor hf.partial-<pid>

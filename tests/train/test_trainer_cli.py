@@ -233,6 +233,49 @@ def test_ctrl_c_saves_and_exits_75_and_a_second_run_on_a_live_workdir_is_refused
   assert not (workdir / "LOCK").exists()
 
 
+def test_step_zero_restarts_and_weights_only_checkpoints_are_read_not_resumed(reference_run,
+                                                                             tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(reference_run[0], workdir)
+  params = tmp_path / "params"
+  conv = subprocess.run([sys.executable, "-m", "deepseek_jax.convert", f"--from_orbax={workdir}",
+                         f"--to_orbax={params}", "--step=20"], env=_env(), capture_output=True,
+                        text=True, timeout=600, cwd=REPO)
+  assert conv.returncode == 0, conv.stderr[-2000:]
+  # evaluate reads the weights of a parameters checkpoint (it has a step 0)...
+  ev = _run("evaluate.py", params, "--batches=1", "--step=0")
+  assert ev.returncode == 0 and "step 0: held-out loss" in ev.stdout, ev.stderr[-2000:]
+  # ...but training cannot resume one: it says how to fine-tune from it instead.
+  proc = _run("train.py", params, "--config.train.steps=4")
+  assert proc.returncode == 1 and "holds weights only" in proc.stderr
+  assert f"--config.train.init_from={params}" in proc.stderr
+  # --step=0 on a training workdir starts from the initialisation, every step moved aside.
+  again = _run("train.py", workdir, *COMMON, "--step=0", "--config.train.steps=2",
+               "--config.checkpoint.every=2")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "moved step(s) [10, 20, 24] (newer than step 0)" in again.stdout
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2"]
+  assert _records(workdir)[0]["step"] == 2
+
+
+def test_a_full_disk_stops_the_run_with_one_line(tmp_path):
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(disk)],
+                    capture_output=True).returncode:
+    pytest.skip("cannot mount a small tmpfs here (test_reliability injects the error instead)")
+  try:
+    proc = _run("train.py", disk / "w", "--config.train.steps=30", "--config.checkpoint.every=10",
+                "--config.train.log_every=10")
+  finally:
+    subprocess.run(["umount", str(disk)], capture_output=True)
+  assert proc.returncode == 1
+  assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.startswith(f"error: saving checkpoint step 20 to {disk}/w/checkpoints/20 "
+                                "failed: no space left on device; the state needs about ")
+  assert "The last complete checkpoint is step 10" in proc.stderr
+
+
 def test_bad_workdirs_are_refused_and_evaluate_creates_nothing(tmp_path):
   a_file = tmp_path / "file"
   a_file.write_text("")
@@ -242,6 +285,9 @@ def test_bad_workdirs_are_refused_and_evaluate_creates_nothing(tmp_path):
   missing = tmp_path / "missing"
   proc = _run("evaluate.py", missing)
   assert proc.returncode == 1 and "does not exist" in proc.stderr and not missing.exists()
+  proc = _run("train.py", missing, f"--config.train.init_from={tmp_path / 'nowhere'}")
+  assert proc.returncode == 1 and "config.train.init_from=" in proc.stderr
+  assert not missing.exists()
 
 
 def test_cpu_xla_flags_are_appended_but_a_users_setting_wins(monkeypatch):
