@@ -77,6 +77,7 @@ def router_bias_post_step(graphdef, params, model_state, metrics: dict,
                        "expert_load: merge moe_metrics(out.moe_stats) into them (train/moe_step.py)"
                        ", or pass StepOptions(router_bias_rate=None)")
     return model_state, metrics
-  router_bias_update(model, metrics["expert_load"], gamma)
+  # A wrapper around the decoder (the PPO value model) keeps it as ``backbone``.
+  router_bias_update(getattr(model, "backbone", model), metrics["expert_load"], gamma)
   _, _, model_state = nnx.split(model, nnx.Param, ...)
   return model_state, dict(metrics, router_bias_rate=gamma)
