@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.train.loss import token_log_probs
-from deepseek_jax.train.moe_step import BALANCE_TERMS, finish_moe_metrics, moe_metrics
+from deepseek_jax.train.moe_step import add_moe_terms, finish_moe_metrics
 
 AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "constant_length")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -178,11 +178,7 @@ class GRPOLoss:
                "entropy": (entropy * mask).sum() / norm.tokens,
                "response_length": mask.sum() / norm.sequences,
                "tokens": mask.sum()}
-    if out.moe_stats is not None:
-      moe = moe_metrics(out.moe_stats, norm.balance)
-      for term in BALANCE_TERMS:
-        total = total + moe[term]
-      metrics.update(moe)
+    total, metrics = add_moe_terms(total, metrics, out.moe_stats, norm.balance)
     metrics["loss"] = total
     return total, metrics
 

@@ -30,7 +30,7 @@ from flax import nnx
 
 from deepseek_jax.model.layers import param
 from deepseek_jax.model.transformer import DeepSeekModel
-from deepseek_jax.train.moe_step import BALANCE_TERMS, finish_moe_metrics, moe_metrics
+from deepseek_jax.train.moe_step import add_moe_terms, finish_moe_metrics
 
 
 class ValueModel(nnx.Module):
@@ -101,11 +101,7 @@ class ValueLoss:
     metrics = {"value_loss": total, "value_mean": values.sum() / normalizers.tokens,
                "value_clip_fraction": clipped.sum() / normalizers.tokens,
                "tokens": mask.sum()}
-    if stats is not None:
-      moe = moe_metrics(stats, normalizers.balance)
-      for term in BALANCE_TERMS:
-        total = total + moe[term]
-      metrics.update(moe)
+    total, metrics = add_moe_terms(total, metrics, stats, normalizers.balance)
     metrics["loss"] = total
     return total, metrics
 

@@ -49,6 +49,18 @@ def moe_metrics(stats: dict, balance_scale=1.0) -> dict:
   return metrics
 
 
+def add_moe_terms(total: jax.Array, metrics: dict, stats: Optional[dict],
+                  balance_scale=1.0) -> tuple[jax.Array, dict]:
+  """(total + the balance terms, metrics + ``moe_metrics``) for a forward's ``moe_stats``; both
+  unchanged for a model without MoE layers (``stats`` None). The one line every loss needs."""
+  if stats is None:
+    return total, metrics
+  moe = moe_metrics(stats, balance_scale)
+  for term in BALANCE_TERMS:
+    total = total + moe[term]
+  return total, {**metrics, **moe}
+
+
 def finish_moe_metrics(metrics: dict, n_micro: int) -> dict:
   """The ratios and means of metrics summed over ``n_micro`` micro-batches (a no-op for one)."""
   metrics = dict(metrics)
