@@ -10,6 +10,7 @@ import ast
 import errno
 import os
 import sys
+from typing import Optional
 
 import jax
 
@@ -29,6 +30,29 @@ def set_cpu_xla_flags() -> None:
   current = os.environ.get("XLA_FLAGS", "")
   extra = [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in current]
   os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
+
+
+def skip_absent_tpu() -> Optional[str]:
+  """With libtpu installed (the test extra) on a host without TPU chips, JAX would try to start
+  a TPU backend in every run and print a screenful of libtpu errors. Unless the user chose
+  ``JAX_PLATFORMS``, leave TPU out: ``cuda,cpu`` with a CUDA plugin installed, else ``cpu``.
+  Call before the first JAX computation. Returns what was set, or None."""
+  platforms = platforms_without_absent_tpu()
+  if platforms:
+    jax.config.update("jax_platforms", platforms)
+  return platforms
+
+
+def platforms_without_absent_tpu() -> Optional[str]:
+  """The decision of ``skip_absent_tpu`` (no side effect)."""
+  import glob
+  import importlib.util
+  if os.environ.get("JAX_PLATFORMS") or not importlib.util.find_spec("libtpu"):
+    return None
+  if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+    return None  # a TPU host
+  cuda = any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+  return "cuda,cpu" if cuda else "cpu"
 
 
 def set_cpu_devices(n: int) -> None:
@@ -132,6 +156,7 @@ def run_cli(fn, *args, **kwargs):
   and one line; ``--verbosity=1`` (absl's debug level) lets the traceback through."""
   import logging
   set_cpu_xla_flags()
+  skip_absent_tpu()
   from absl import flags, logging as absl_logging
   if flags.FLAGS.is_parsed() and not flags.FLAGS["verbosity"].present:
     # Library logs off (orbax writes ~50 INFO lines per checkpoint, and logs a traceback for

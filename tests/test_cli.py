@@ -38,3 +38,24 @@ def test_a_huge_library_message_is_cut_to_one_readable_line(capsys):
   err = capsys.readouterr().err
   assert err.startswith("error: tree structures do not match") and err.count("\n") == 1
   assert len(err) < cli.MAX_ERROR_CHARS + 100 and "more characters; --verbosity=1" in err
+
+
+def test_an_absent_tpu_is_left_out_only_when_libtpu_is_installed_and_no_choice_was_made(
+    monkeypatch):
+  import glob
+  import importlib.util
+  installed = {"libtpu"}
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name: name in installed or None)
+  monkeypatch.setattr(glob, "glob", lambda pattern: [])
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  assert cli.platforms_without_absent_tpu() == "cpu"
+  installed.add("jax_cuda12_plugin")
+  assert cli.platforms_without_absent_tpu() == "cuda,cpu"
+  monkeypatch.setenv("JAX_PLATFORMS", "tpu")  # the user's choice wins
+  assert cli.platforms_without_absent_tpu() is None
+  monkeypatch.delenv("JAX_PLATFORMS")
+  monkeypatch.setattr(glob, "glob", lambda pattern: ["/dev/accel0"])  # a TPU host
+  assert cli.platforms_without_absent_tpu() is None
+  installed.clear()  # no libtpu: nothing to do
+  monkeypatch.setattr(glob, "glob", lambda pattern: [])
+  assert cli.platforms_without_absent_tpu() is None
