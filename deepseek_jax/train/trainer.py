@@ -228,9 +228,8 @@ def _init_from(setup: Setup, state: TrainState, shardings: TrainState) -> TrainS
 
 
 def _restore(setup: Setup, ckpt: Checkpointer, step: int, data_iter=None):
-  """(graphdef, state, shardings) of checkpoint ``step``, after checking it is this model."""
-  check_compatible(ckpt.saved_config(step), config_record(setup.config, setup.model_cfg),
-                   ckpt.directory)
+  """(graphdef, state, shardings) of checkpoint ``step`` (``restore_or_init`` has checked that
+  it is this model and this data)."""
   graphdef, shardings, abstract = abstract_train_state(setup.model_cfg, setup.tx, setup.mesh,
                                                        setup.rules, setup.execution)
   return graphdef, ckpt.restore(step, abstract, data_iter), shardings
