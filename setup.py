@@ -33,5 +33,6 @@ setup(
         # torch is pinned: an unpinned torch pulls several GB of CUDA wheels.
         "hf": ["torch==2.13.0", "transformers>=5.0", "safetensors", "tokenizers"],
         "notebooks": ["jupyter", "matplotlib"],
+        "plots": ["matplotlib"],  # experiments/ablations/*.py write their PNGs with it
     },
 )

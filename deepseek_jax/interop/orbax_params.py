@@ -139,11 +139,15 @@ def load_model(directory: str, *, step: Optional[int] = None, mesh: Optional[Mes
   shardings = (placement(params, mesh, rules), placement(rest, mesh, rules))
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         (params, rest), shardings)
-  nested = to_nested({"params": target[0], "model_state": target[1]})
+  # A run whose state holds more than one model (RL: policy, reference, value) names the
+  # subtree holding the model's weights in its record ("weights_under": "policy").
+  under = record.get("weights_under")
+  like = {"params": target[0], "model_state": target[1]}
+  nested = to_nested({under: like} if under else like)
   handler = ocp.PyTreeCheckpointer()
   restored = handler.restore(
       os.path.join(root, str(step), "state"),
       args=ocp.args.PyTreeRestore(item=nested, restore_args=ocp.checkpoint_utils.construct_restore_args(nested),
                                   partial_restore=True))
-  state = from_nested(restored, {"params": target[0], "model_state": target[1]})
+  state = from_nested(restored[under] if under else restored, like)
   return nnx.merge(graphdef, state["params"], state["model_state"])

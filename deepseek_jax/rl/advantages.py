@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ESTIMATORS = ("grpo", "drgrpo", "rloo")
 
@@ -167,3 +168,11 @@ def token_rewards(sequence_rewards: jax.Array, mask: jax.Array, kl=None, kl_coef
     kl = _check_2d("token_rewards: kl", kl, (b, t)).astype(jnp.float32)
     out = out - kl_coef * jnp.where(m, kl, 0.0)
   return out
+
+
+def informative_groups(rewards, group_size: int) -> np.ndarray:
+  """bool [B]: the groups whose G rewards are not all equal (DAPO's dynamic sampling,
+  arXiv 2503.14476 §3.2, keeps only these: a group of equal rewards has zero advantage under
+  every group estimator and so no policy gradient). ``rewards`` [B * G] in group order."""
+  r = np.asarray(rewards, np.float64).reshape(-1, group_size)
+  return r.max(axis=1) > r.min(axis=1)

@@ -97,9 +97,11 @@ def answers_match(predicted: str, reference: Any) -> bool:
 
 
 def accuracy_reward(record: dict, completion: str, *, answer_key: str = "answer",
-                    marker: Optional[str] = None) -> float:
+                    marker: Optional[str] = None, first_line: bool = False) -> float:
   """1.0 if ``extract_answer(completion, marker)`` matches ``record[answer_key]``
   (``answers_match``), else 0.0; no answer is 0.0 (R1 §2.2.2, accuracy rewards).
+  ``first_line``: a completion with no ``<answer>`` tags (nor the marker) answers with its
+  first line, for prompts the model completes directly (``"3 + 4 ="`` -> ``" 7\n"``).
 
   Raises ValueError when the record has no ``answer_key`` or its value is not a str or number.
   """
@@ -111,6 +113,8 @@ def accuracy_reward(record: dict, completion: str, *, answer_key: str = "answer"
     raise ValueError(f"accuracy_reward: record[{answer_key!r}] must be a str or a number, got "
                      f"{type(reference).__name__}: {_short(record)}")
   answer = extract_answer(completion, marker)
+  if answer is None and first_line and "<answer>" not in completion:
+    answer = completion.strip().split("\n", 1)[0].strip() or None
   return float(answer is not None and answers_match(answer, reference))
 
 
@@ -171,6 +175,26 @@ def language_consistency_reward(record: dict, completion: str, *, script: str = 
   return sum(_in_script(ch, script) for ch in letters) / len(letters)
 
 
+def overlong_penalty(lengths, max_length: int, buffer: int, penalty: float = 1.0) -> np.ndarray:
+  """DAPO's soft overlong punishment (arXiv 2503.14476 §3.4, eq. 13), float32 [N]:
+
+      0                                   |o| <= L_max - L_cache
+      ((L_max - L_cache) - |o|) / L_cache  L_max - L_cache < |o| <= L_max   (0 to -1)
+      -1                                   |o| > L_max
+
+  times ``penalty``, added to the rule reward. ``lengths`` [N] completion tokens, L_max =
+  ``max_length`` (the generation budget), L_cache = ``buffer`` (0: no shaping, all zeros).
+  Raises ValueError for a buffer outside [0, max_length]."""
+  if not 0 <= buffer <= max_length:
+    raise ValueError(f"overlong buffer must be in [0, max_new_tokens={max_length}], got {buffer}")
+  lengths = np.asarray(lengths, np.float64)
+  if buffer == 0:
+    return np.zeros(lengths.shape, np.float32)
+  start = max_length - buffer
+  shaped = np.where(lengths <= start, 0.0, (start - lengths) / buffer)
+  return (penalty * np.where(lengths > max_length, -1.0, shaped)).astype(np.float32)
+
+
 REWARDS: dict[str, RewardFn] = {
     "accuracy": accuracy_reward,
     "format": format_reward,
@@ -200,9 +224,12 @@ class WeightedReward:
                          f"finite number")
     self.components = {name: (fn, float(w)) for name, (fn, w) in components.items()}
 
-  def __call__(self, records: Sequence[dict], completions: Sequence[str]):
+  def __call__(self, records: Sequence[dict], completions: Sequence[str],
+               labels: Optional[Sequence[str]] = None):
     """Scores records[i] with completions[i] (GRPO: each record repeated G times, so index
     b * G + g is completion g of prompt b, as ``advantages.group_advantages`` reads it).
+    ``labels[i]`` names record i in error messages (default "record i"), e.g. its line in
+    the dataset.
 
     Returns (total [N] float32, {name: [N] float32 unweighted values}). Raises ValueError when
     the lengths differ and ``RewardError`` for a failing component.
@@ -213,7 +240,8 @@ class WeightedReward:
     total = np.zeros(len(records), np.float64)
     parts = {}
     for name, (fn, weight) in self.components.items():
-      values = np.array([self._score(name, fn, i, record, completion)
+      values = np.array([self._score(name, fn, labels[i] if labels else f"record {i}",
+                                     record, completion)
                          for i, (record, completion) in enumerate(zip(records, completions))],
                         np.float64).reshape(len(records))
       total += weight * values
@@ -221,16 +249,16 @@ class WeightedReward:
     return total.astype(np.float32), parts
 
   @staticmethod
-  def _score(name: str, fn: RewardFn, i: int, record: dict, completion: str) -> float:
+  def _score(name: str, fn: RewardFn, label: str, record: dict, completion: str) -> float:
     try:
       value = fn(record, completion)
     except Exception as e:
       cause = " ".join(f"{type(e).__name__}: {e}".split())
-      raise RewardError(f"reward {name!r} failed on record {i} ({cause}); record: "
+      raise RewardError(f"reward {name!r} failed on {label} ({cause}); record: "
                         f"{_short(record)}") from e
     if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)
         or not math.isfinite(value)):
-      raise RewardError(f"reward {name!r} returned {value!r} on record {i}; a reward must be a "
+      raise RewardError(f"reward {name!r} returned {value!r} on {label}; a reward must be a "
                         f"finite number; record: {_short(record)}")
     return float(value)
 

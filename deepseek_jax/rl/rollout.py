@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from deepseek_jax.inference.generate import SamplingConfig, generate
 
@@ -36,16 +37,19 @@ class Rollout:
 
 def rollout(model, prompts: Sequence[Sequence[int]], *, group_size: int, max_new_tokens: int,
             sampling: SamplingConfig, stop_tokens: Sequence[int] = (), pad_id: int = 0,
-            rng: Optional[jax.Array] = None) -> Rollout:
+            rng: Optional[jax.Array] = None, prompt_bucket: int = 64) -> Rollout:
   """Sample ``group_size`` completions of each prompt (one ``generate`` call over N rows).
   Raises ValueError for group_size < 1, an empty prompt, or a prompt + max_new_tokens over
-  the model's max_seq_len (before compiling)."""
+  the model's max_seq_len (before compiling). ``prompt_bucket``: as ``generate``'s."""
   if group_size < 1:
     raise ValueError(f"group_size must be >= 1, got {group_size}")
   rows = [list(p) for p in prompts for _ in range(group_size)]
   out = generate(model, rows, max_new_tokens=max_new_tokens, sampling=sampling,
-                 stop_tokens=stop_tokens, pad_id=pad_id, rng=rng, return_log_probs=True)
-  tokens, lengths, log_probs = (np.asarray(jax.device_get(a)) for a in out)
+                 stop_tokens=stop_tokens, pad_id=pad_id, rng=rng, return_log_probs=True,
+                 prompt_bucket=prompt_bucket)
+  # Every process gets every row (generate's outputs may span processes' devices).
+  tokens, lengths, log_probs = (np.asarray(multihost_utils.process_allgather(a, tiled=True))
+                                for a in out)
   return Rollout(rows, tokens, lengths, log_probs, group_size)
 
 
@@ -74,3 +78,19 @@ def to_batch(ro: Rollout, seq_len: int, pad_id: int = 0) -> dict:
     old[r, start:start + length] = ro.log_probs[r, :length]
   return {"inputs": inputs, "targets": targets, "mask": mask, "token_mask": token_mask,
           "old_log_probs": old}
+
+
+def take_groups(ro: Rollout, groups: Sequence[int]) -> Rollout:
+  """The rollout of the given prompt groups only (group g = rows g*G .. g*G + G - 1)."""
+  g = ro.group_size
+  rows = np.asarray([i * g + j for i in groups for j in range(g)], np.int64)
+  return Rollout([ro.prompts[r] for r in rows], ro.tokens[rows], ro.lengths[rows],
+                 ro.log_probs[rows], g)
+
+
+def concat_rollouts(rollouts: Sequence[Rollout]) -> Rollout:
+  """Rows of several rollouts with the same G and completion budget, in order."""
+  return Rollout([p for ro in rollouts for p in ro.prompts],
+                 np.concatenate([ro.tokens for ro in rollouts]),
+                 np.concatenate([ro.lengths for ro in rollouts]),
+                 np.concatenate([ro.log_probs for ro in rollouts]), rollouts[0].group_size)

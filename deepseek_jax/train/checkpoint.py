@@ -263,12 +263,14 @@ def _field(experiment: dict, dotted: str):
   return node
 
 
-def check_data_position(saved: dict, current: dict, directory: str, step: int) -> None:
-  """Refuse to resume when the saved data position would be reinterpreted: a field of
-  ``DATA_POSITION_FIELDS`` or the number of processes differs. Raises ValueError naming the
-  field and both fixes (restore it, or start fresh from the weights with train.init_from)."""
+def check_data_position(saved: dict, current: dict, directory: str, step: int,
+                        fields=DATA_POSITION_FIELDS, init_from: str = "train.init_from") -> None:
+  """Refuse to resume when the saved data position would be reinterpreted: one of ``fields``
+  (default ``DATA_POSITION_FIELDS``) or the number of processes differs. Raises ValueError
+  naming the field and both fixes (restore it, or start fresh from the weights with
+  ``init_from``, the config field that names a checkpoint to start from)."""
   old, new = saved.get("experiment", {}), current["experiment"]
-  differing = [(f, _field(old, f), _field(new, f)) for f in DATA_POSITION_FIELDS
+  differing = [(f, _field(old, f), _field(new, f)) for f in fields
                if _field(old, f) != _field(new, f)]
   if saved.get("processes", current["processes"]) != current["processes"]:
     differing.append(("processes", saved["processes"], current["processes"]))
@@ -278,7 +280,7 @@ def check_data_position(saved: dict, current: dict, directory: str, step: int) -
     raise ValueError(
         f"cannot resume step {step} of {directory}: {detail}; the saved data position counts "
         "batches of the saved data settings. Resume with the saved values, or start a new "
-        f"--workdir from these weights with --config.train.init_from={directory}/{step} "
+        f"--workdir from these weights with --config.{init_from}={directory}/{step} "
         "(fresh optimizer and data)")
 
 

@@ -151,13 +151,13 @@ def model_config(config) -> ModelConfig:
   return ModelConfig.preset(config.model.preset, **overrides)
 
 
-def _unknown_fields(config, schema, prefix="") -> list[str]:
+def _unknown_fields(config, schema, prefix="", free_form=()) -> list[str]:
   unknown = []
   for key in config.keys():
     if key not in schema:
       unknown.append(prefix + key)
-    elif isinstance(schema[key], ml_collections.ConfigDict):
-      unknown += _unknown_fields(config[key], schema[key], f"{prefix}{key}.")
+    elif isinstance(schema[key], ml_collections.ConfigDict) and prefix + key not in free_form:
+      unknown += _unknown_fields(config[key], schema[key], f"{prefix}{key}.", free_form)
   return unknown
 
 
@@ -165,10 +165,14 @@ def _fail(field: str, message: str):
   raise ValueError(f"config.{field}: {message}")
 
 
-def validate(config, n_processes: int, batch_shards: int, expert_shards: int = 1) -> ModelConfig:
+def validate(config, n_processes: int, batch_shards: int, expert_shards: int = 1,
+             schema=None, free_form=()) -> ModelConfig:
   """Every check that does not need the model compiled. Returns the ModelConfig.
-  ``batch_shards`` / ``expert_shards``: how many ways the mesh splits the batch / the experts."""
-  unknown = _unknown_fields(config, default_config())
+  ``batch_shards`` / ``expert_shards``: how many ways the mesh splits the batch / the experts;
+  ``schema``: the config holding every known field (default ``default_config()``; RL adds its
+  sections); ``free_form``: dotted paths whose keys are the user's (RL's reward mapping)."""
+  schema = schema if schema is not None else default_config()
+  unknown = _unknown_fields(config, schema, free_form=free_form)
   if unknown:
     raise ValueError(f"unknown config field(s) {unknown}; see deepseek_jax/train/config.py")
   model = model_config(config)

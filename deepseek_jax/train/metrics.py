@@ -168,8 +168,10 @@ class MetricsLogger:
         record[key] = float(value)
     if steps > 0:  # 0: the window held only the compiling step (its record has compile_time)
       step_time = max(now - self.last_time - self.paused_seconds, 1e-9) / steps
+      record["step_time"] = step_time
+    if steps > 0 and self.tokens_per_step:  # None: the caller reports its own throughput
       tokens_per_s = self.tokens_per_step / step_time
-      record.update(step_time=step_time, tokens_per_s=tokens_per_s)
+      record["tokens_per_s"] = tokens_per_s
       if self.peak_total > 0:
         record["mfu"] = tokens_per_s * self.flops_per_token / self.peak_total
     if self.compile_seconds is not None:

@@ -92,16 +92,17 @@ class Setup:
   execution: Execution
 
 
-def start_setup(config) -> Setup:
+def start_setup(config, schema=None, free_form=()) -> Setup:
   """Devices (CPU split, distributed init) then the validated setup; before any compile."""
   set_cpu_devices(config.cpu_devices)
   setup_distributed(config.distributed)
   check_cpu_devices(config.cpu_devices)
-  return build_setup(config)
+  return build_setup(config, schema, free_form)
 
 
-def build_setup(config) -> Setup:
-  """Everything decided before compiling; every check raises with the field named."""
+def build_setup(config, schema=None, free_form=()) -> Setup:
+  """Everything decided before compiling; every check raises with the field named.
+  ``schema`` / ``free_form``: the known fields (``config_lib.validate``)."""
   mesh_sizes = dict(config.mesh)
   try:
     mesh = make_mesh(mesh_sizes)
@@ -111,7 +112,8 @@ def build_setup(config) -> Setup:
     raise ValueError(f"{e}; on a CPU-only host, split it into devices with "
                      "--config.cpu_devices=N") from None
   model_cfg = config_lib.validate(config, jax.process_count(), batch_shards(mesh),
-                                  mesh.shape["expert"])
+                                  mesh.shape["expert"], schema=schema,
+                                  free_form=free_form)
   rules = get_rules(config.partitioning.rules)
   tokenizer = data_lib.make_tokenizer(config.data)
   if tokenizer.vocab_size > model_cfg.vocab_size:
@@ -235,7 +237,7 @@ def _restore(setup: Setup, ckpt: Checkpointer, step: int, data_iter=None):
   return graphdef, ckpt.restore(step, abstract, data_iter), shardings
 
 
-class _Preemption:
+class Preemption:
   """SIGTERM or Ctrl-C (SIGINT) sets a flag; the loop saves at the next step and stops (a
   second Ctrl-C interrupts at once; while XLA compiles, Python sees signals only when the
   compile returns, and two Ctrl-C then count as one). With several processes the flags are all-gathered every
@@ -265,15 +267,15 @@ class _Preemption:
       signal.signal(sig, previous)
 
 
-def _host(metrics: dict) -> dict:
+def host_metrics(metrics: dict) -> dict:
   return jax.tree.map(np.asarray, jax.device_get(metrics))
 
 
-def _finite(metrics: dict) -> bool:
+def finite_metrics(metrics: dict) -> bool:
   return bool(np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]))
 
 
-def _diverged(ckpt: Checkpointer, step: int, what: str) -> TrainingDiverged:
+def diverged_error(ckpt: Checkpointer, step: int, what: str) -> TrainingDiverged:
   """The error for a non-finite step; a checkpoint of step-1 (whose parameters gave it) is
   moved aside, so the advice (rerun to resume) resumes from a step that trains."""
   moved = ""
@@ -317,7 +319,7 @@ def train(config, workdir: str, step: Optional[int] = None) -> dict:
   lock = WorkdirLock(workdir, report=say)
   if jax.process_index() == 0:
     lock.acquire()
-  preemption = _Preemption()  # from here on, SIGTERM / Ctrl-C save the step the loop reaches
+  preemption = Preemption()  # from here on, SIGTERM / Ctrl-C save the step the loop reaches
   try:
     return _train_locked(setup, workdir, step, preemption)
   finally:
@@ -326,7 +328,7 @@ def train(config, workdir: str, step: Optional[int] = None) -> dict:
 
 
 def _train_locked(setup: Setup, workdir: str, requested: Optional[int],
-                  preemption: "_Preemption") -> dict:
+                  preemption: "Preemption") -> dict:
   c, mesh = setup.config, setup.mesh
   data_iter = iter(make_data(setup))
   ckpt = _checkpointer(setup, workdir)
@@ -370,9 +372,9 @@ def _train_locked(setup: Setup, workdir: str, requested: Optional[int],
       due_save = step % c.checkpoint.every == 0 or last
       stop = preemption.reached(step)
       if step % c.train.log_every == 0 or due_save or stop or step == check_next:
-        host = _host(metrics)
-        if not _finite(host):
-          raise _diverged(ckpt, step, f"loss or gradient norm is not finite (loss "
+        host = host_metrics(metrics)
+        if not finite_metrics(host):
+          raise diverged_error(ckpt, step, f"loss or gradient norm is not finite (loss "
                                       f"{host['loss']}, grad norm {host['grad_norm']})")
         if step == check_next and step - 1 > start:
           ckpt.confirm(step - 1)
@@ -387,7 +389,7 @@ def _train_locked(setup: Setup, workdir: str, requested: Optional[int],
           say(f"eval at step {step}: {_evaluate_state(setup, graphdef, state)}")
       if due_save or stop:
         if not host.get("state_finite", 1.0):
-          raise _diverged(ckpt, step, "the updated parameters or optimizer moments are not "
+          raise diverged_error(ckpt, step, "the updated parameters or optimizer moments are not "
                                       "finite")
         with logger.paused():
           ckpt.save(step, state, data_iter, record_cfg, force=True)

@@ -187,3 +187,9 @@ def test_group_advantages_ddof_one_matches_the_sample_std():
   group = np.array([1, 0, 0.5, 1], np.float64)
   adv = np.asarray(group_advantages(REWARDS, 4, eps=0.0, ddof=1))
   np.testing.assert_allclose(adv[:4], (group - group.mean()) / group.std(ddof=1), rtol=1e-6)
+
+
+def test_dynamic_sampling_keeps_only_groups_whose_rewards_differ():
+  from deepseek_jax.rl.advantages import informative_groups
+  rewards = [1, 1, 1, 0, 0, 0, 0, 1, 0.5, 0.5, 0.5, 0.5]
+  np.testing.assert_array_equal(informative_groups(rewards, 4), [True, True, False])

@@ -227,3 +227,31 @@ def test_normalize_text_strips_only_the_edges():
   assert rw.normalize_text("  ¿Qué   tal?  ") == "qué tal"
   assert rw.normalize_text("'a.b'") == "a.b"
   assert rw.normalize_text("...") == ""
+
+
+def test_first_line_accuracy_reads_a_direct_completion():
+  from deepseek_jax.rl.rewards import accuracy_reward
+  record = {"answer": 7}
+  assert accuracy_reward(record, " 7", first_line=True) == 1.0
+  assert accuracy_reward(record, " 7\n8 + 1 = 9", first_line=True) == 1.0
+  assert accuracy_reward(record, " 17", first_line=True) == 0.0
+  assert accuracy_reward(record, " 7", first_line=False) == 0.0  # no tags, no marker
+  assert accuracy_reward(record, "<answer>8</answer>", first_line=True) == 0.0  # tags win
+  assert accuracy_reward(record, "", first_line=True) == 0.0
+
+
+def test_overlong_penalty_is_dapo_eq_13_by_hand():
+  from deepseek_jax.rl.rewards import overlong_penalty
+  # L_max 10, L_cache 4: free up to 6, then -(|o| - 6) / 4, and -1 past 10.
+  got = overlong_penalty([3, 6, 7, 8, 10, 11], max_length=10, buffer=4)
+  np.testing.assert_allclose(got, [0, 0, -0.25, -0.5, -1.0, -1.0])
+  np.testing.assert_allclose(overlong_penalty([7, 10], 10, 4, penalty=0.5), [-0.125, -0.5])
+  assert not overlong_penalty([10], 10, 0).any()
+  with pytest.raises(ValueError, match="overlong buffer"):
+    overlong_penalty([1], 10, 11)
+
+
+def test_reward_errors_name_the_label_the_caller_gives():
+  reward = WeightedReward({"acc": (accuracy_reward, 1.0)})
+  with pytest.raises(RewardError, match=r"failed on training record 17 \(sample 2\)"):
+    reward([{"prompt": "x"}], ["1"], ["training record 17 (sample 2)"])
