@@ -93,8 +93,13 @@ def parse_flags(argv):
       except (ValueError, SyntaxError):
         break
     detail = detail.replace("\n", "; ")
-    print(f"error: unknown config field in a --config.* override: {detail}; the fields are in "
-          "deepseek_jax/train/config.py:default_config", file=sys.stderr, flush=True)
+    leaf = detail.split(";")[0].strip().strip("'\"")
+    given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+             and leaf in a.split("=")[0].split(".")]
+    where = f" ({given[0]})" if given else ""
+    print(f"error: unknown config field in a --config.* override{where}: {detail}; the fields "
+          "are those of the config file's get_config (defaults: deepseek_jax/train/config.py, "
+          "and deepseek_jax/rl/config.py for RL)", file=sys.stderr, flush=True)
     sys.exit(1)
 
 

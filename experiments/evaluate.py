@@ -4,7 +4,8 @@ r"""Held-out loss and perplexity of a checkpoint (the latest in --workdir by def
     python experiments/evaluate.py --config=experiments/configs/small.py --workdir=/tmp/ds-small \
         --step=300 --batches=50
 
-Pass the same --config (and overrides) the run was trained with; a different model is refused.
+Pass the same --config (and overrides) the run was trained with (for an RL workdir, its RL
+config, e.g. experiments/configs/r1_zero.py); a different model is refused.
 """
 
 from absl import app, flags

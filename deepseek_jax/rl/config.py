@@ -74,8 +74,13 @@ def default_config() -> ml_collections.ConfigDict:
   # `overlong_penalty` reward (0: off).
   r.overlong_buffer = 0
   r.overlong_penalty = 1.0
-  # Rule rewards: name -> weight, or name -> {weight, keyword arguments} (rl/rewards.py).
-  r.rewards = ml_collections.ConfigDict({"accuracy": {"weight": 1.0, "first_line": True}})
+  # Rule rewards: name -> weight, or name -> {weight, keyword arguments} (rl/rewards.py). All
+  # three are computed and logged; weight 0 leaves one out of the total, so
+  # --config.rl.rewards.format.weight=0.5 switches the format reward on. A whole new mapping:
+  # "--config.rl.rewards={'accuracy': {'weight': 1.0, 'first_line': True}, 'format': 0.5}".
+  r.rewards = ml_collections.ConfigDict({"accuracy": {"weight": 1.0, "first_line": True},
+                                         "format": {"weight": 0.0},
+                                         "language": {"weight": 0.0}})
   r.eval_every = 25  # held-out accuracy (greedy) every N steps; 0: at the end only
   r.eval_prompts = 0  # 0: the whole held-out split
   # PPO only (PPO uses the clip range and mu above, a token-mean loss with the KL in the
@@ -95,7 +100,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer.schedule = "constant"
   c.optimizer.warmup_steps = 0
   c.optimizer.weight_decay = 0.0
-  c.sample.prompts = ()
   return c
 
 

@@ -51,6 +51,7 @@ from deepseek_jax.train.trainer import (PREEMPTED_EXIT_CODE, Preemption, Setup,
 from deepseek_jax.train.workdir import WorkdirLock, check_workdir
 
 LEARNERS = {"grpo": GRPOLearner, "ppo": PPOLearner}
+FLAT_REWARD_WARNING_STEPS = 5
 
 
 class Task:
@@ -60,11 +61,17 @@ class Task:
     r = config.rl
     self.train = task_records(config.task, "train")
     self.eval = task_records(config.task, "eval")
-    limit = min(config.train.seq_len + 1, max_seq_len) - r.max_new_tokens
-    what = (f"min(config.train.seq_len + 1, max_seq_len)={limit + r.max_new_tokens} minus "
-            f"rl.max_new_tokens={r.max_new_tokens}")
-    self.train_ids = encode_prompts(self.train, tokenizer, budget=limit, what=what)
-    self.eval_ids = encode_prompts(self.eval, tokenizer, budget=limit, what=what)
+    # A row of train.seq_len + 1 tokens (at most the model's max_seq_len) holds the prompt
+    # and rl.max_new_tokens completion tokens.
+    row = min(config.train.seq_len + 1, max_seq_len)
+    longest = max(len(tokenizer.encode(rec["prompt"])) for rec in self.train + self.eval)
+    longest += tokenizer.bos_id is not None
+    fix = (f"a row holds config.train.seq_len + 1 = {config.train.seq_len + 1} tokens (at most "
+           f"the model's max_seq_len {max_seq_len}), {r.max_new_tokens} of them "
+           f"(config.rl.max_new_tokens) for the completion: set config.train.seq_len >= "
+           f"{longest + r.max_new_tokens - 1} or lower config.rl.max_new_tokens")
+    self.train_ids = encode_prompts(self.train, tokenizer, budget=row - r.max_new_tokens, fix=fix)
+    self.eval_ids = encode_prompts(self.eval, tokenizer, budget=row - r.max_new_tokens, fix=fix)
     self.stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     for text in r.stop:
       ids = tokenizer.encode(text)
@@ -410,10 +417,12 @@ def _run_locked(run: Run, requested: Optional[int], preemption: Preemption) -> d
   if start == 0:
     first = _evaluate(setup, graphdef, state.policy, task)
     first_eval = first["eval_accuracy"]
-    say(f"before RL (greedy, {r.eval_prompts or len(task.eval)} prompts each): held-out "
+    n_eval = min(r.eval_prompts or len(task.eval), len(task.eval))
+    say(f"before RL (greedy, {n_eval} prompts of each split): held-out "
         f"accuracy {first_eval:.3f}, training-set accuracy {first['train_accuracy']:.3f}")
     logger.log(0, first)
   record, failed, check_next = {}, True, start + 1
+  flat = 0  # consecutive steps in which every completion got the same reward
   rows = r.prompts_per_step * r.group_size
   try:
     for step in range(start + 1, c.train.steps + 1):
@@ -432,6 +441,12 @@ def _run_locked(run: Run, requested: Optional[int], preemption: Preemption) -> d
                                              f"{metrics['grad_norm']})")
       if step == check_next and step - 1 > start:
         run.ckpt.confirm(step - 1)
+      flat = flat + 1 if sample_metrics["reward_std"] == 0 else 0
+      if flat == FLAT_REWARD_WARNING_STEPS:
+        say(f"warning: for {flat} steps every completion got reward "
+            f"{sample_metrics['reward']:g}, so no group has an advantage and nothing is "
+            f"learned; check config.rl.rewards {r.rewards.to_dict()} against what the model "
+            "writes (e.g. first_line for answers without <answer> tags)")
       metrics.update(sample_metrics, rollout_s=t1 - t0, update_s=t2 - t1,
                      rollout_tokens_per_s=sample_metrics["sampled_tokens"] / (t1 - t0),
                      update_tokens_per_s=rows * c.train.seq_len * r.iterations / (t2 - t1))

@@ -66,8 +66,9 @@ def jsonl_records(path: str) -> list[dict]:
         continue
       try:
         record = json.loads(line)
-      except ValueError as e:
-        raise ValueError(f"{path}:{number}: not JSON ({e}); one object per line") from None
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{number}: not JSON ({e.msg} at column {e.colno}); one object "
+                         "per line") from None
       if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) \
           or not record["prompt"] or "answer" not in record:
         raise ValueError(f"{path}:{number}: each line needs a non-empty string 'prompt' and an "
@@ -92,16 +93,17 @@ def task_records(task, split: str) -> list[dict]:
   raise ValueError(f"config.task.source must be 'arithmetic' or 'jsonl', got {task.source!r}")
 
 
-def encode_prompts(records: Sequence[dict], tokenizer, *, budget: int, what: str) -> list[list]:
+def encode_prompts(records: Sequence[dict], tokenizer, *, budget: int, fix: str) -> list[list]:
   """Token ids of each record's prompt (bos first when the tokenizer has one). Raises
-  ValueError naming the first prompt longer than ``budget`` tokens (``what`` says where the
-  budget comes from), before anything is compiled."""
+  ValueError naming the first prompt longer than ``budget`` tokens and the longest prompt
+  (``fix`` says what to change, e.g. the config fields), before anything is compiled."""
   bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-  encoded = []
-  for i, record in enumerate(records):
-    ids = bos + tokenizer.encode(record["prompt"])
+  encoded = [bos + tokenizer.encode(record["prompt"]) for record in records]
+  longest = max((len(ids) for ids in encoded), default=0)
+  for i, (record, ids) in enumerate(zip(records, encoded)):
     if len(ids) > budget:
-      raise ValueError(f"prompt {i} ({record['prompt'][:60]!r}...) has {len(ids)} tokens but "
-                       f"{what} leaves {budget}; shorten it or raise the budget")
-    encoded.append(ids)
+      text = record["prompt"]
+      shown = repr(text if len(text) <= 60 else text[:57] + "...")
+      raise ValueError(f"prompt {i} ({shown}) has {len(ids)} tokens but only {budget} fit "
+                       f"(the longest prompt has {longest}); {fix}")
   return encoded

@@ -481,7 +481,9 @@ def _load_for_inference(config, workdir: str, step: Optional[int]):
   newest checkpoint that verifies. Only the weights are read, so a training workdir and a
   parameters checkpoint (convert --to_orbax) both work."""
   check_workdir(workdir, must_exist=True)
-  setup = start_setup(config)
+  # An RL run's config (deepseek_jax/rl/config.py) adds sections that reading weights ignores;
+  # its model, data, mesh and sample sections are this module's.
+  setup = start_setup(config, schema=config if "rl" in config else None)
   root = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(root):
     raise FileNotFoundError(f"no checkpoints in {workdir}; train first with --workdir={workdir}")
@@ -507,5 +509,6 @@ def evaluate(config, workdir: str, step: Optional[int] = None, max_batches: Opti
 
 def sample(config, workdir: str, prompts=None, step: Optional[int] = None) -> list[str]:
   """Generate from a checkpoint (the latest by default)."""
-  setup, graphdef, state, _ = _load_for_inference(config, workdir, step)
+  setup, graphdef, state, step = _load_for_inference(config, workdir, step)
+  say(f"sampling from step {step} of {workdir}")
   return _sample_state(setup, graphdef, state, prompts)

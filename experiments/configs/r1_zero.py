@@ -28,6 +28,9 @@ def get_config(arg=None):
   c.rl.max_new_tokens = 6
   c.rl.beta = 0.001
   c.rl.eval_every = 25
+  # experiments/sample.py --config=experiments/configs/r1_zero.py --workdir=<RL workdir>
+  c.sample.prompts = ("3 + 4 =", "7 * 8 =", "9 - 2 =", "0 * 6 =")
+  c.sample.max_new_tokens = 6
   variants = set(arg.split(",")) if arg else set()
   unknown = variants - {"ppo", "dapo", "drgrpo", "runlocal"}
   if unknown:

@@ -139,7 +139,7 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups(tmp_path):
 
 @pytest.mark.parametrize("field, value, message", [
     ("group_size", 1, "config.rl.group_size: GRPO needs G >= 2"),
-    ("max_new_tokens", 14, "prompt 0"),
+    ("max_new_tokens", 14, "only 3 fit .* set config.train.seq_len >= 21"),
     ("stop", ("ab",), "config.rl.stop: 'ab' is 2 tokens"),
     ("algorithm", "dpo", "config.rl.algorithm"),
 ])

@@ -54,8 +54,9 @@ def test_a_prompt_file_is_read_and_a_bad_line_is_named(tmp_path):
 
 
 def test_a_prompt_over_the_budget_is_refused_with_its_index():
-  records = [{"prompt": "1 + 1 =", "answer": 2}, {"prompt": "x" * 40, "answer": 0}]
-  ids = encode_prompts(records[:1], ByteTokenizer(), budget=8, what="the budget")
+  records = [{"prompt": "1 + 1 =", "answer": 2}, {"prompt": "x" * 70, "answer": 0}]
+  ids = encode_prompts(records[:1], ByteTokenizer(), budget=8, fix="raise it")
   assert ids == [[1] + ByteTokenizer().encode("1 + 1 =")]
-  with pytest.raises(ValueError, match=r"prompt 1 .* has 41 tokens but the budget leaves 8"):
-    encode_prompts(records, ByteTokenizer(), budget=8, what="the budget")
+  with pytest.raises(ValueError, match=r"prompt 1 \('x{57}\.\.\.'\) has 71 tokens but only 8 "
+                     r"fit \(the longest prompt has 71\); raise it"):
+    encode_prompts(records, ByteTokenizer(), budget=8, fix="raise it")
