@@ -41,7 +41,7 @@ EXECUTION_FIELDS = ("scan_layers", "remat_policy", "grouped_matmul", "dtype", "m
 # another value would reinterpret it (a different batch shape, document order or source).
 DATA_POSITION_FIELDS = ("seed", "train.seq_len", "train.batch_size", "data.source",
                         "data.corpus_documents", "data.corpus_seed", "data.text_glob",
-                        "data.tokens_path", "data.tokenizer", "data.tokenizer_path",
+                        "data.tokens_path", "data.sft_path", "data.tokenizer", "data.tokenizer_path",
                         "data.bos_token", "data.eos_token", "data.pad_token", "data.packing",
                         "data.packing_bins", "data.eval_every")
 
@@ -270,8 +270,10 @@ def check_data_position(saved: dict, current: dict, directory: str, step: int,
   naming the field and both fixes (restore it, or start fresh from the weights with
   ``init_from``, the config field that names a checkpoint to start from)."""
   old, new = saved.get("experiment", {}), current["experiment"]
+  # A field missing from an older record predates it: it meant the default (empty).
   differing = [(f, _field(old, f), _field(new, f)) for f in fields
-               if _field(old, f) != _field(new, f)]
+               if _field(old, f) != _field(new, f) and {_field(old, f), _field(new, f)}
+               - {None, ""}]
   if saved.get("processes", current["processes"]) != current["processes"]:
     differing.append(("processes", saved["processes"], current["processes"]))
   if differing:

@@ -50,11 +50,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.set_none = ()
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "corpus"  # corpus | text | tokens
+  c.data.source = "corpus"  # corpus | text | tokens | sft
   c.data.corpus_documents = 20000
   c.data.corpus_seed = 0
   c.data.text_glob = ""
   c.data.tokens_path = ""
+  # data.source="sft": JSON lines of {"prompt", "response", optional "system"}; the loss is on
+  # the response only (deepseek_jax/train/sft.py). Every data.eval_every-th record is held out.
+  c.data.sft_path = ""
   c.data.tokenizer = "byte"  # byte | hf
   c.data.tokenizer_path = ""  # tokenizer.json when tokenizer == "hf"
   c.data.bos_token = ml_collections.config_dict.placeholder(str)

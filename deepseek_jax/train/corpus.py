@@ -93,12 +93,19 @@ def _counting(rng: random.Random) -> str:
   return "Counting in words: " + ", ".join(NUMBER_WORDS[1:n + 1]) + "."
 
 
-def generate_corpus(n_documents: int = 20000, seed: int = 0) -> list[str]:
-  """``n_documents`` documents of the generated world (world facts fixed by ``seed``)."""
-  rng = random.Random(seed)
+def world(seed: int = 0) -> list[dict]:
+  """The cast of the corpus of ``seed``: one dict per person (name, he/his/He/His, town, pet,
+  sound, pet_name, color, job, work, age); the facts every document states."""
   people = _world(random.Random(seed))
   for p in people:
     p["He"], p["His"] = p["he"].capitalize(), p["his"].capitalize()
+  return people
+
+
+def generate_corpus(n_documents: int = 20000, seed: int = 0) -> list[str]:
+  """``n_documents`` documents of the generated world (world facts fixed by ``seed``)."""
+  rng = random.Random(seed)
+  people = world(seed)
   docs = []
   for _ in range(n_documents):
     kind = rng.random()

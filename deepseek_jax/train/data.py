@@ -26,30 +26,36 @@ from typing import Optional
 import grain
 import numpy as np
 
+from deepseek_jax.train import sft
 from deepseek_jax.train.corpus import generate_corpus
+from deepseek_jax.train.sft import ASSISTANT, USER
 
 
 class ByteTokenizer:
-  """UTF-8 bytes shifted by 3; 0 = pad, 1 = bos, 2 = eos."""
+  """UTF-8 bytes shifted by 3; 0 = pad, 1 = bos, 2 = eos; 259 and 260 the chat role tokens
+  (``special_tokens``, for SFT: ``train/sft.py``), never produced by ``encode``."""
 
   pad_id, bos_id, eos_id = 0, 1, 2
   offset = 3
-  vocab_size = 256 + offset
+  special_tokens = {USER: 256 + offset, ASSISTANT: 257 + offset}
+  vocab_size = 256 + offset + len(special_tokens)
 
   def encode(self, text: str) -> list[int]:
     return [b + self.offset for b in text.encode("utf-8")]
 
   def decode(self, ids) -> str:
-    """Text of ``ids``: specials (< offset) are dropped; ids past the 256 bytes (the model's
+    """Text of ``ids``: pad/bos/eos are dropped, role tokens render as their names; other ids
+    past the 256 bytes (the model's
     spare vocab: vocab_size may exceed the tokenizer's, and an early or diverged model samples
     them) render as a visible placeholder ``<id N>``; invalid UTF-8 as U+FFFD."""
+    names = {v: k for k, v in self.special_tokens.items()}
     text, run = [], bytearray()
     for i in map(int, ids):
       if 0 <= i - self.offset < 256:
         run.append(i - self.offset)
       elif i >= self.offset:
         text.append(run.decode("utf-8", errors="replace"))
-        text.append(f"<id {i}>")
+        text.append(names.get(i, f"<id {i}>"))
         run = bytearray()
     text.append(run.decode("utf-8", errors="replace"))
     return "".join(text)
@@ -80,6 +86,14 @@ class HFTokenizer:
     self.bos_id = token_id(bos, None)
     self.eos_id = token_id(eos, None)
     self.pad_id = token_id(pad, 0)
+    # Chat role tokens (train/sft.py): ours, or DeepSeek-V3/R1's spelling with fullwidth bars.
+    self.special_tokens = {}
+    for role in (USER, ASSISTANT):
+      for spelling in (role, role.replace("|", "\uff5c")):
+        idx = self._tok.token_to_id(spelling)
+        if idx is not None:
+          self.special_tokens[role] = idx
+          break
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
@@ -137,8 +151,17 @@ def _split(items: list, split: str, eval_every: int) -> list:
   raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
 
 
+def sft_examples(cfg, tokenizer, split: str) -> list[tuple[np.ndarray, np.ndarray]]:
+  """(ids, loss_mask) of every SFT record of a split (``sft.encode_record``; every
+  ``data.eval_every``-th record is held out)."""
+  records = sft.read_records(cfg.sft_path)
+  return [sft.encode_record(r, tokenizer) for r in _split(records, split, cfg.eval_every)]
+
+
 def token_sequences(cfg, tokenizer, split: str) -> list[np.ndarray]:
   """All token sequences (documents with BOS/EOS) of a split, before chunking."""
+  if cfg.source == "sft":
+    return [ids for ids, _ in sft_examples(cfg, tokenizer, split)]
   if cfg.source == "tokens":
     arr = np.load(cfg.tokens_path)
     if not np.issubdtype(arr.dtype, np.integer):
@@ -158,7 +181,8 @@ def token_sequences(cfg, tokenizer, split: str) -> list[np.ndarray]:
   elif cfg.source == "text":
     docs = _text_documents(cfg.text_glob, cfg.get("text_errors", "strict"))
   else:
-    raise ValueError(f"data.source must be 'corpus', 'text' or 'tokens', got {cfg.source!r}")
+    raise ValueError(f"data.source must be 'corpus', 'text', 'tokens' or 'sft', got "
+                     f"{cfg.source!r}")
   bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
   eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
   return [np.asarray(bos + tokenizer.encode(d) + eos, np.int32) for d in _split(docs, split, cfg.eval_every)]
@@ -169,6 +193,8 @@ def check_data(cfg, tokenizer, *, vocab_size: int, seq_len: int, shard_count: in
   [0, vocab_size), and a train or held-out split with fewer chunks than the processes reading
   it (the held-out loss at the end needs one). Raises ValueError naming the field or file."""
   for split in ("train", "eval"):
+    if cfg.source == "sft":
+      _sft_pieces(cfg, tokenizer, split, seq_len)  # a record too long for a row
     seqs = token_sequences(cfg, tokenizer, split)
     if seqs and cfg.source == "tokens":
       low = min(int(s.min()) for s in seqs)
@@ -202,11 +228,19 @@ def _example(piece: np.ndarray) -> dict:
   return {"inputs": piece[:-1], "targets": piece[1:]}
 
 
+def _sft_example(example: tuple) -> dict:
+  ids, loss_mask = example
+  return {"inputs": ids[:-1], "targets": ids[1:], "loss_mask": loss_mask}
+
+
 def _pad_example(seq_len: int, pad_id: int):
-  def pad(piece: np.ndarray) -> dict:
-    n = len(piece) - 1
+  def pad(example: dict) -> dict:
+    n = len(example["inputs"])
     out = {k: np.full(seq_len, pad_id, np.int32) for k in ("inputs", "targets")}
-    out["inputs"][:n], out["targets"][:n] = piece[:-1], piece[1:]
+    out["inputs"][:n], out["targets"][:n] = example["inputs"], example["targets"]
+    if "loss_mask" in example:
+      out["loss_mask"] = np.zeros(seq_len, np.float32)
+      out["loss_mask"][:n] = example["loss_mask"]
     out["segment_ids"] = (np.arange(seq_len) < n).astype(np.int32)
     out["positions"] = np.where(out["segment_ids"] > 0, np.arange(seq_len), 0).astype(np.int32)
     return out
@@ -214,19 +248,38 @@ def _pad_example(seq_len: int, pad_id: int):
 
 
 def _model_batch(packed: dict) -> dict:
-  """grain's packed keys -> the batch the loss expects."""
+  """grain's packed keys -> the batch the loss expects: ``mask`` = the real tokens, times the
+  response mask for SFT, whose ``token_mask`` (MoE statistics) stays every real token."""
   if "inputs_segment_ids" in packed:
     packed = {"inputs": packed["inputs"], "targets": packed["targets"],
-              "segment_ids": packed["inputs_segment_ids"], "positions": packed["inputs_positions"]}
-  packed["mask"] = (packed["segment_ids"] > 0).astype(np.float32)
+              "segment_ids": packed["inputs_segment_ids"], "positions": packed["inputs_positions"],
+              **({"loss_mask": packed["loss_mask"]} if "loss_mask" in packed else {})}
+  real = (np.asarray(packed["segment_ids"]) > 0).astype(np.float32)
+  if "loss_mask" in packed:
+    packed["mask"] = real * np.asarray(packed.pop("loss_mask"), np.float32)
+    packed["token_mask"] = real
+  else:
+    packed["mask"] = real
   return {k: np.asarray(v) for k, v in packed.items()}
+
+
+def _sft_pieces(cfg, tokenizer, split: str, seq_len: int) -> list[tuple]:
+  examples = sft_examples(cfg, tokenizer, split)
+  for i, (ids, _) in enumerate(examples):
+    if len(ids) - 1 > seq_len:
+      raise ValueError(f"{cfg.sft_path}: {split} record {i} has {len(ids)} tokens in the chat "
+                       f"template; rows hold train.seq_len + 1 = {seq_len + 1}; raise "
+                       "config.train.seq_len or shorten the record")
+  return examples
 
 
 def make_dataset(cfg, tokenizer, *, seq_len: int, batch_size: int, split: str = "train",
                  seed: int = 0, shard_index: int = 0, shard_count: int = 1,
                  repeat: bool = True) -> grain.IterDataset:
   """The pipeline for one process: ``batch_size`` rows per batch (this process's share)."""
-  pieces = chunk(token_sequences(cfg, tokenizer, split), seq_len)
+  sft_source = cfg.source == "sft"
+  pieces = (_sft_pieces(cfg, tokenizer, split, seq_len) if sft_source
+            else chunk(token_sequences(cfg, tokenizer, split), seq_len))
   if len(pieces) < shard_count:
     raise ValueError(f"data split {split!r} has {len(pieces)} chunks, fewer than the "
                      f"{shard_count} processes reading it")
@@ -234,13 +287,16 @@ def make_dataset(cfg, tokenizer, *, seq_len: int, batch_size: int, split: str = 
   if repeat:
     ds = ds.repeat(None)
   read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  example = _sft_example if sft_source else _example
   if cfg.packing:
-    it = ds.map(_example).to_iter_dataset(read)
+    it = ds.map(example).to_iter_dataset(read)
+    lengths = {"inputs": seq_len, "targets": seq_len}
+    if sft_source:
+      lengths["loss_mask"] = seq_len
     it = grain.experimental.FirstFitPackIterDataset(
-        it, length_struct={"inputs": seq_len, "targets": seq_len}, num_packing_bins=batch_size,
-        seed=seed)
+        it, length_struct=lengths, num_packing_bins=batch_size, seed=seed)
   else:
-    it = ds.map(_pad_example(seq_len, tokenizer.pad_id)).to_iter_dataset(read)
+    it = ds.map(example).map(_pad_example(seq_len, tokenizer.pad_id)).to_iter_dataset(read)
   return it.batch(batch_size, drop_remainder=repeat).map(_model_batch)
 
 

@@ -28,7 +28,7 @@ def test_byte_tokenizer_round_trips_utf8():
   tok = D.ByteTokenizer()
   text = "Zoë has 3 cats — ünïcode ✓"
   assert tok.decode(tok.encode(text)) == text
-  assert min(tok.encode(text)) >= 3 and tok.vocab_size == 259
+  assert min(tok.encode(text)) >= 3 and tok.vocab_size == 261
 
 
 def test_corpus_is_deterministic_and_its_facts_are_consistent():
@@ -130,11 +130,13 @@ def test_hf_tokenizer_json(tmp_path):
 
 
 def test_byte_decode_shows_ids_past_the_bytes_as_placeholders():
-  """A model's vocab may exceed the tokenizer's (tiny: 320 > 259); an untrained model samples
-  those spare ids, and decoding them must neither crash the end-of-run sample nor hide them."""
+  """A model's vocab may exceed the tokenizer's (tiny: 320 > 261); an untrained model samples
+  those spare ids, and decoding them must neither crash the end-of-run sample nor hide them.
+  The chat role tokens (259, 260) decode to their names."""
   tok = D.ByteTokenizer()
-  ids = [tok.bos_id] + tok.encode("hé") + [tok.offset + 256] + tok.encode("!") + [319, tok.eos_id]
-  assert tok.decode(ids) == "hé<id 259>!<id 319>"
+  ids = [tok.bos_id] + tok.encode("hé") + [tok.offset + 258] + tok.encode("!") + [319, tok.eos_id]
+  assert tok.decode(ids) == "hé<id 261>!<id 319>"
+  assert tok.decode([259, 260]) == "<|User|><|Assistant|>"
 
 
 def test_text_that_is_not_utf8_is_refused_or_replaced_with_a_count(tmp_path, caplog):
