@@ -13,10 +13,10 @@ GRPO never samples: held-out accuracy measures what RL taught, not what it memor
 
 from __future__ import annotations
 
-import json
-import os
 import random
 from typing import Sequence
+
+from deepseek_jax.train.sft import read_jsonl
 
 SPLITS = ("train", "eval")
 OPS = "+-*"
@@ -53,30 +53,17 @@ def arithmetic_records(split: str = "train", *, ops: str = "+-*", max_operand: i
   return [{"prompt": f"{a} {op} {b} =", "answer": _result(a, op, b)} for a, op, b in chosen]
 
 
+def _is_prompt_record(record) -> bool:
+  return (isinstance(record, dict) and isinstance(record.get("prompt"), str)
+          and bool(record["prompt"]) and "answer" in record)
+
+
 def jsonl_records(path: str) -> list[dict]:
   """Records of a JSON-lines file: each line an object with a non-empty string ``prompt`` and
   an ``answer`` (string or number); other fields are kept (rewards may read them). Raises
   FileNotFoundError, or ValueError naming the file and line of the first bad record."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"prompt file {path} does not exist")
-  records = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{number}: not JSON ({e.msg} at column {e.colno}); one object "
-                         "per line") from None
-      if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) \
-          or not record["prompt"] or "answer" not in record:
-        raise ValueError(f"{path}:{number}: each line needs a non-empty string 'prompt' and an "
-                         f"'answer'; got {line.strip()[:120]}")
-      records.append(record)
-  if not records:
-    raise ValueError(f"{path} holds no records; one JSON object per line with prompt, answer")
-  return records
+  return read_jsonl(path, _is_prompt_record, "each line needs a non-empty string 'prompt' and "
+                    "an 'answer'", "prompt file")
 
 
 def task_records(task, split: str) -> list[dict]:

@@ -26,12 +26,13 @@ USER, ASSISTANT = "<|User|>", "<|Assistant|>"
 ROLE_TOKENS = (USER, ASSISTANT)
 
 
-def read_records(path: str) -> list[dict]:
-  """The records of a JSON-lines file. Raises FileNotFoundError, or ValueError naming the file
-  and line of the first record that is not an object with non-empty string ``prompt`` and
-  ``response`` (and, if present, a string ``system``)."""
+def read_jsonl(path: str, valid, needs: str, what: str) -> list[dict]:
+  """The objects of a JSON-lines file (blank lines skipped) for which ``valid(obj)`` holds.
+  Raises FileNotFoundError ("{what} {path} does not exist"), or ValueError naming the file and
+  line of the first line that is not JSON or not valid ("{path}:{line}: {needs}; got ..."),
+  or of an empty file."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"SFT file {path} does not exist")
+    raise FileNotFoundError(f"{what} {path} does not exist")
   records = []
   with open(path, encoding="utf-8") as f:
     for number, line in enumerate(f, 1):
@@ -42,17 +43,26 @@ def read_records(path: str) -> list[dict]:
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{number}: not JSON ({e.msg} at column {e.colno}); one "
                          "object per line") from None
-      ok = (isinstance(record, dict)
-            and all(isinstance(record.get(k), str) and record[k] for k in ("prompt", "response"))
-            and isinstance(record.get("system", ""), str))
-      if not ok:
-        raise ValueError(f"{path}:{number}: an SFT record needs non-empty string 'prompt' and "
-                         f"'response' (and an optional string 'system'); got "
-                         f"{line.strip()[:120]}")
+      if not valid(record):
+        raise ValueError(f"{path}:{number}: {needs}; got {line.strip()[:120]}")
       records.append(record)
   if not records:
-    raise ValueError(f"{path} holds no records; one JSON object per line with prompt, response")
+    raise ValueError(f"{path} holds no records; one JSON object per line")
   return records
+
+
+def _is_sft_record(record) -> bool:
+  return (isinstance(record, dict)
+          and all(isinstance(record.get(k), str) and record[k] for k in ("prompt", "response"))
+          and isinstance(record.get("system", ""), str))
+
+
+def read_records(path: str) -> list[dict]:
+  """The SFT records of a JSON-lines file. Raises FileNotFoundError, or ValueError naming the
+  file and line of the first record that is not an object with non-empty string ``prompt``
+  and ``response`` (and, if present, a string ``system``)."""
+  return read_jsonl(path, _is_sft_record, "an SFT record needs non-empty string 'prompt' and "
+                    "'response' (and an optional string 'system')", "SFT file")
 
 
 def encode_record(record: dict, tokenizer) -> tuple[np.ndarray, np.ndarray]:
