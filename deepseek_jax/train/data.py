@@ -13,7 +13,8 @@ run reads exactly the batches an uninterrupted run would have read.
 Sources (``data.source``): ``corpus`` (the embedded generated corpus, no network), ``text``
 (files matching ``data.text_glob``, one document per blank-line-separated paragraph) and
 ``tokens`` (a .npy of token ids: a 1-D stream split at EOS, or 2-D rows). Tokenizers: ``byte``
-(UTF-8 bytes + pad/bos/eos, 259 ids) or ``hf`` (a HuggingFace ``tokenizer.json``).
+(UTF-8 bytes + pad/bos/eos + 2 chat role tokens, 261 ids) or ``hf`` (a HuggingFace
+``tokenizer.json``). ``sft``: prompt/response JSON lines (``train/sft.py``).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from deepseek_jax.train.config import default_config
 def get_config(arg=None):
   c = default_config()
   c.model.preset = "tiny"
-  c.model.overrides.vocab_size = 320  # the byte tokenizer uses 259 ids
+  c.model.overrides.vocab_size = 320  # the byte tokenizer uses 261 ids
   c.data.corpus_documents = 2000
   c.train.steps = 20
   c.train.batch_size = 8
