@@ -92,14 +92,14 @@ def parse_flags(argv):
         detail = str(ast.literal_eval(detail))
       except (ValueError, SyntaxError):
         break
-    detail = detail.replace("\n", "; ")
+    detail = detail.replace("?\n", "? ").replace("\n", "; ")
     leaf = detail.split(";")[0].strip().strip("'\"")
     given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
              and leaf in a.split("=")[0].split(".")]
     where = f" ({given[0]})" if given else ""
     print(f"error: unknown config field in a --config.* override{where}: {detail}; the fields "
           "are those of the config file's get_config (defaults: deepseek_jax/train/config.py, "
-          "and deepseek_jax/rl/config.py for RL)", file=sys.stderr, flush=True)
+          "deepseek_jax/rl/config.py for RL, deepseek_jax/rl/pipeline.py for the R1 pipeline)", file=sys.stderr, flush=True)
     sys.exit(1)
 
 
@@ -180,6 +180,7 @@ def run_cli(fn, *args, **kwargs):
   except KeyboardInterrupt:
     if flags.FLAGS.is_parsed() and flags.FLAGS.verbosity >= 1:
       raise
-    print("interrupted (Ctrl-C); a run in its training loop saves its step first, this one "
-          "had not started it or was interrupted twice", file=sys.stderr, flush=True)
+    print("interrupted (Ctrl-C) outside a training loop (or by a second Ctrl-C): nothing was "
+          "being trained, so nothing new was saved; the checkpoints already saved are kept, "
+          "rerun to continue from them", file=sys.stderr, flush=True)
     sys.exit(130)

@@ -11,8 +11,8 @@ Records are ``{"prompt", "response", "answer", "kind"}``; the response is R1's t
 
     "17 + 25 ="  ->  <think>Ones: 7 + 5 = 12, write 2, carry 1. Tens: 1 + 2 + 1 = 4, write 4.
                       So 17 + 25 = 42.</think><answer>42</answer>
-    "Q: Where does Mia live?"  ->  <think>The profile says: "Mia lives in Oakridge." So the
-                      answer is Oakridge.</think><answer>Oakridge</answer>
+    "Q: Where does Mia live?\\nA:"  ->  <think>The profile says: "Mia lives in Oakridge." So
+                      the answer is Oakridge.</think><answer>Oakridge</answer>
 
 Kinds: ``add`` and ``sub`` (column arithmetic, carries and borrows written out, operands up to
 ``max_operand``), ``mul`` (a one-digit factor: repeated addition), ``fact`` (a question about
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 
-from deepseek_jax.train.corpus import world
+from deepseek_jax.rl.tasks import fact_questions
 
 KINDS = ("add", "sub", "mul", "fact")
 
@@ -85,55 +85,53 @@ def multiplication_steps(a: int, b: int) -> str:
           + f". So {a} * {b} = {a * b}.")
 
 
-def _fact_records(rng: random.Random, n: int, corpus_seed: int) -> list[dict]:
-  people = world(corpus_seed)
-  templates = [
-      ("Where does {name} live?", "{name} lives in {town}.", "town"),
-      ("What pet does {name} have?", "{name} has a {pet} named {pet_name}.", "pet"),
-      ("How old is {name}?", "{name} is {age} years old.", "age"),
-      ("What is {name}'s job?", "{He} works as a {job}.", "job"),
-      ("What colour does {name} like?", "{His} favourite colour is {color}.", "color"),
-  ]
-  records = []
-  for _ in range(n):
-    p = rng.choice(people)
-    question, sentence, key = rng.choice(templates)
-    quoted = sentence.format(**p)
-    answer = p[key]
-    records.append({
-        "prompt": f"Q: {question.format(**p)}\nA:",
-        "response": f"<think>{p['name']}'s profile says: \"{quoted}\" So the answer is "
-                    f"{answer}.</think><answer>{answer}</answer>",
-        "answer": answer, "kind": "fact"})
-  return records
+def _fact_record(question: dict) -> dict:
+  return {"prompt": question["prompt"],
+          "response": f"<think>The profile says: \"{question['source']}\" So the answer is "
+                      f"{question['answer']}.</think><answer>{question['answer']}</answer>",
+          "answer": question["answer"], "kind": "fact"}
 
 
 def cold_start_records(n: int = 400, *, seed: int = 0, max_operand: int = 99,
-                       kinds=KINDS, corpus_seed: int = 0) -> list[dict]:
+                       kinds=KINDS, corpus_seed: int = 0, exclude=()) -> list[dict]:
   """``n`` cold-start records, the kinds in turn, deterministic in ``seed`` (module doc).
   Arithmetic prompts are written as the corpus writes its sums (``"a op b ="``); fact questions
-  as its Q/A pairs, about the world of ``corpus_seed``. Raises ValueError for an unknown kind or
-  n < 1."""
+  as its Q/A pairs (``tasks.fact_questions``), about the world of ``corpus_seed``. No record's
+  prompt is in ``exclude`` (held-out prompts). Raises ValueError for an unknown kind, n < 1,
+  or when ``exclude`` leaves a kind without prompts."""
   unknown = [k for k in kinds if k not in KINDS]
   if unknown or not kinds or n < 1:
     raise ValueError(f"cold_start_records: kinds must be some of {KINDS} and n >= 1, got "
                      f"{list(kinds)}, {n}")
+  exclude = set(exclude)
+  questions = [q for q in fact_questions(corpus_seed) if q["prompt"] not in exclude]
+  if "fact" in kinds and not questions:
+    raise ValueError("cold_start_records: every fact question is excluded")
   rng = random.Random(seed)
   records = []
   for i in range(n):
     kind = kinds[i % len(kinds)]
     if kind == "fact":
-      records.extend(_fact_records(rng, 1, corpus_seed))
+      records.append(_fact_record(rng.choice(questions)))
       continue
-    a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
-    if kind == "sub":
-      a, b = max(a, b), min(a, b)
-      steps, op, answer = subtraction_steps(a, b), "-", a - b
-    elif kind == "mul":
-      b = rng.randint(0, 9)
-      steps, op, answer = multiplication_steps(a, b), "*", a * b
+    for _ in range(1000):
+      a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+      if kind == "sub":
+        a, b = max(a, b), min(a, b)
+      elif kind == "mul":
+        b = rng.randint(0, 9)
+      op = {"add": "+", "sub": "-", "mul": "*"}[kind]
+      if f"{a} {op} {b} =" not in exclude:
+        break
     else:
-      steps, op, answer = addition_steps(a, b), "+", a + b
+      raise ValueError(f"cold_start_records: no {kind} problem with operands up to "
+                       f"{max_operand} is left outside `exclude`")
+    if kind == "sub":
+      steps, answer = subtraction_steps(a, b), a - b
+    elif kind == "mul":
+      steps, answer = multiplication_steps(a, b), a * b
+    else:
+      steps, answer = addition_steps(a, b), a + b
     records.append({"prompt": f"{a} {op} {b} =",
                     "response": f"<think>{steps}</think><answer>{answer}</answer>",
                     "answer": answer, "kind": kind})

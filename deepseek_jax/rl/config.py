@@ -40,6 +40,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.task.seed = 0  # arithmetic: the split
   c.task.train_path = ""  # jsonl: {"prompt": ..., "answer": ...} per line
   c.task.eval_path = ""
+  # Prompts in the SFT chat template (<bos><|User|>prompt<|Assistant|>, train/sft.py): for a
+  # policy fine-tuned on chat records. False: <bos>prompt, which a base model continues.
+  c.task.chat_template = False
 
   r = c.rl = ml_collections.ConfigDict()
   r.algorithm = "grpo"  # grpo | ppo

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from deepseek_jax.inference.generate import SamplingConfig, generate
+from deepseek_jax.inference.generate import SamplingConfig
 from deepseek_jax.interop.integrity import step_directories
 from deepseek_jax.interop.orbax_params import load_model, resolve_checkpoint, saved_record
 from deepseek_jax.model.execution import resolve_execution, set_execution
@@ -38,8 +38,9 @@ from deepseek_jax.rl.advantages import informative_groups
 from deepseek_jax.rl.grpo import GRPOLearner, RLState, copy_weights
 from deepseek_jax.rl.ppo import PPOLearner, abstract_value_state, init_value_state
 from deepseek_jax.rl.rewards import combine, overlong_penalty
-from deepseek_jax.rl.rollout import concat_rollouts, rollout, take_groups, to_batch
-from deepseek_jax.rl.tasks import encode_prompts, task_records
+from deepseek_jax.rl.rollout import (concat_rollouts, decode_completions, greedy_completions,
+                                      rollout, take_groups, to_batch)
+from deepseek_jax.rl.tasks import encode_prompts, prompt_ids, task_records
 from deepseek_jax.train.checkpoint import (Checkpointer, check_compatible, check_data_position,
                                            config_record)
 from deepseek_jax.train.metrics import MetricsLogger, say
@@ -64,14 +65,18 @@ class Task:
     # A row of train.seq_len + 1 tokens (at most the model's max_seq_len) holds the prompt
     # and rl.max_new_tokens completion tokens.
     row = min(config.train.seq_len + 1, max_seq_len)
-    longest = max(len(tokenizer.encode(rec["prompt"])) for rec in self.train + self.eval)
-    longest += tokenizer.bos_id is not None
+    chat = config.task.chat_template
+    longest = max(len(prompt_ids(rec["prompt"], tokenizer, chat))
+                  for rec in self.train + self.eval)
     fix = (f"a row holds config.train.seq_len + 1 = {config.train.seq_len + 1} tokens (at most "
            f"the model's max_seq_len {max_seq_len}), {r.max_new_tokens} of them "
            f"(config.rl.max_new_tokens) for the completion: set config.train.seq_len >= "
            f"{longest + r.max_new_tokens - 1} or lower config.rl.max_new_tokens")
-    self.train_ids = encode_prompts(self.train, tokenizer, budget=row - r.max_new_tokens, fix=fix)
-    self.eval_ids = encode_prompts(self.eval, tokenizer, budget=row - r.max_new_tokens, fix=fix)
+    budget = row - r.max_new_tokens
+    self.train_ids = encode_prompts(self.train, tokenizer, budget=budget, fix=fix,
+                                    chat_template=chat)
+    self.eval_ids = encode_prompts(self.eval, tokenizer, budget=budget, fix=fix,
+                                   chat_template=chat)
     self.stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     for text in r.stop:
       ids = tokenizer.encode(text)
@@ -85,15 +90,8 @@ class Task:
     self.tokenizer = tokenizer
 
   def decode(self, tokens, lengths) -> list[str]:
-    """Completion texts of ``tokens`` [N, L] with ``lengths`` [N]; the stop token ends a
-    completion and is not part of its text."""
-    texts = []
-    for row, n in zip(tokens, lengths):
-      ids = [int(t) for t in row[:n]]
-      if ids and ids[-1] in self.stop:
-        ids = ids[:-1]
-      texts.append(self.tokenizer.decode(ids))
-    return texts
+    """Completion texts of ``tokens`` [N, L] with ``lengths`` [N] (``decode_completions``)."""
+    return decode_completions(self.tokenizer, self.stop, tokens, lengths)
 
 
 def prompt_iterator(n_records: int, prompts_per_step: int, seed: int):
@@ -125,16 +123,11 @@ def greedy_accuracy(setup: Setup, graphdef, policy, task: Task, split: str = "ev
     ids, records = task.train_ids[:len(task.eval)], task.train[:len(task.eval)]
   if limit:
     ids, records = ids[:limit], records[:limit]
-  scores = []
-  for start in range(0, len(ids), rows):
-    chunk = ids[start:start + rows]
-    padded = chunk + [chunk[-1]] * (rows - len(chunk))  # one compiled shape
-    out = generate(model, padded, max_new_tokens=r.max_new_tokens,
-                   sampling=SamplingConfig(temperature=0.0), stop_tokens=task.stop,
-                   pad_id=task.tokenizer.pad_id, prompt_bucket=16)
-    tokens, lengths = (np.asarray(jax.device_get(a))[:len(chunk)] for a in out[:2])
-    total, parts = task.reward(records[start:start + rows], task.decode(tokens, lengths))
-    scores.extend(parts["accuracy"] if "accuracy" in parts else (total > 0).astype(np.float32))
+  tokens, lengths = greedy_completions(model, ids, max_new_tokens=r.max_new_tokens,
+                                       stop_tokens=task.stop, pad_id=task.tokenizer.pad_id,
+                                       rows=rows)
+  total, parts = task.reward(records, task.decode(tokens, lengths))
+  scores = parts["accuracy"] if "accuracy" in parts else (total > 0).astype(np.float32)
   return float(np.mean(scores))
 
 
@@ -297,7 +290,7 @@ def run(config, workdir: str, step: Optional[int] = None) -> dict:
     lock.acquire()
   preemption = Preemption()
   try:
-    return _run_locked(Run(setup, workdir, task, where), step, preemption)
+    return preemption.late(_run_locked(Run(setup, workdir, task, where), step, preemption))
   finally:
     preemption.restore()
     lock.release()

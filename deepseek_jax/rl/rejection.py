@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 from deepseek_jax.rl.rewards import WeightedReward
 
@@ -21,13 +21,15 @@ from deepseek_jax.rl.rewards import WeightedReward
 class Acceptance:
   """Counts per prompt kind (``record["kind"]``, "" when absent): completions ``sampled``,
   ``passed`` the thresholds, ``kept`` after de-duplication and the cap; ``prompts_with_one``:
-  prompts with at least one kept completion out of ``prompts``."""
+  prompts with at least one kept completion out of ``prompts``; ``components``: the fraction
+  of all completions that reach each threshold on its own (which requirement fails most)."""
 
   sampled: dict
   passed: dict
   kept: dict
   prompts: dict
   prompts_with_one: dict
+  components: dict = dataclasses.field(default_factory=dict)
 
   def rate(self, kind: str) -> float:
     """Fraction of ``kind``'s completions that passed the thresholds."""
@@ -44,18 +46,23 @@ class Acceptance:
 
 
 def accept(records: Sequence[dict], completions: Sequence[str], reward: WeightedReward,
-           thresholds: Mapping[str, float], *, per_prompt: int = 4):
+           thresholds: Mapping[str, float], *, per_prompt: int = 4,
+           usable: Optional[Sequence[bool]] = None):
   """The completions worth fine-tuning on. ``records[i]`` is the prompt record of
   ``completions[i]`` (each record repeated N times, as a rollout lays them out, or any
   order); a completion passes when ``reward``'s component c is >= ``thresholds[c]`` for every
-  named c. Returns (SFT records ``{"prompt", "response", "kind"}`` in input order, Acceptance).
+  named c; an empty completion, or one whose ``usable[i]`` is False (e.g. it sampled ids the
+  tokenizer cannot write as text), never passes. Returns (SFT records ``{"prompt",
+  "response", "kind"}`` in input order, Acceptance).
   Raises ValueError when a threshold names a component ``reward`` does not compute."""
   unknown = sorted(set(thresholds) - set(reward.components))
   if unknown:
     raise ValueError(f"rejection thresholds name {unknown}, which the reward does not compute; "
                      f"its components are {sorted(reward.components)}")
   _, parts = reward(records, completions)
-  stats = Acceptance(*(defaultdict(int) for _ in range(5)))
+  n = max(len(completions), 1)
+  components = {c: sum(float(v) >= t for v in parts[c]) / n for c, t in thresholds.items()}
+  stats = Acceptance(*(defaultdict(int) for _ in range(5)), components=components)
   seen: dict = defaultdict(set)
   kept = []
   for i, (record, text) in enumerate(zip(records, completions)):
@@ -64,7 +71,8 @@ def accept(records: Sequence[dict], completions: Sequence[str], reward: Weighted
       seen[prompt] = set()
       stats.prompts[kind] += 1
     stats.sampled[kind] += 1
-    if not all(parts[c][i] >= t for c, t in thresholds.items()):
+    if (not text.strip() or (usable is not None and not usable[i])
+        or not all(parts[c][i] >= t for c, t in thresholds.items())):
       continue
     stats.passed[kind] += 1
     key = " ".join(text.split())

@@ -94,3 +94,33 @@ def concat_rollouts(rollouts: Sequence[Rollout]) -> Rollout:
                  np.concatenate([ro.tokens for ro in rollouts]),
                  np.concatenate([ro.lengths for ro in rollouts]),
                  np.concatenate([ro.log_probs for ro in rollouts]), rollouts[0].group_size)
+
+
+def decode_completions(tokenizer, stop_tokens: Sequence[int], tokens, lengths) -> list[str]:
+  """Completion texts of ``tokens`` [N, L] with ``lengths`` [N]; a final stop token ends a
+  completion and is not part of its text."""
+  texts = []
+  for row, n in zip(tokens, lengths):
+    ids = [int(t) for t in row[:n]]
+    if ids and ids[-1] in stop_tokens:
+      ids = ids[:-1]
+    texts.append(tokenizer.decode(ids))
+  return texts
+
+
+def greedy_completions(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                       stop_tokens: Sequence[int] = (), pad_id: int = 0, rows: int = 64):
+  """Greedy completions of ``prompts``, ``rows`` per ``generate`` call (the last call padded
+  with copies of its last prompt, so one shape is compiled). Returns (tokens [N, L] int32,
+  lengths [N]) as NumPy arrays."""
+  tokens, lengths = [], []
+  for start in range(0, len(prompts), rows):
+    chunk = [list(p) for p in prompts[start:start + rows]]
+    out = generate(model, chunk + [chunk[-1]] * (rows - len(chunk)),
+                   max_new_tokens=max_new_tokens, sampling=SamplingConfig(temperature=0.0),
+                   stop_tokens=stop_tokens, pad_id=pad_id, prompt_bucket=16)
+    t, n = (np.asarray(multihost_utils.process_allgather(a, tiled=True))[:len(chunk)]
+            for a in out[:2])
+    tokens.append(t)
+    lengths.append(n)
+  return np.concatenate(tokens), np.concatenate(lengths)

@@ -121,9 +121,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.metrics.tensorboard = True
 
   c.sample = ml_collections.ConfigDict()
+  # Printed after training (and by experiments/sample.py); () samples nothing after training.
   c.sample.prompts = ("Mia lives in", "Q: Where does Leo live?\nA:", "12 + 7 =")
   c.sample.max_new_tokens = 48
   c.sample.temperature = 0.0
+  # Prompts in the SFT chat template (<bos><|User|>prompt<|Assistant|>, train/sft.py), for a
+  # model fine-tuned on chat records (data.source="sft").
+  c.sample.chat_template = False
   return c
 
 

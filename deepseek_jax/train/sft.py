@@ -26,20 +26,23 @@ USER, ASSISTANT = "<|User|>", "<|Assistant|>"
 ROLE_TOKENS = (USER, ASSISTANT)
 
 
-def read_jsonl(path: str, valid, needs: str, what: str) -> list[dict]:
+def read_jsonl(path: str, valid, needs: str, what: str, field: str) -> list[dict]:
   """The objects of a JSON-lines file (blank lines skipped) for which ``valid(obj)`` holds.
-  Raises FileNotFoundError ("{what} {path} does not exist"), or ValueError naming the file and
+  Raises FileNotFoundError ("{what} {path} does not exist ({field})", ``field`` the config
+  field that names the file), or ValueError naming the file and
   line of the first line that is not JSON or not valid ("{path}:{line}: {needs}; got ..."),
   or of an empty file."""
+  if not path:
+    raise FileNotFoundError(f"no {what} given ({field} is empty)")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{what} {path} does not exist")
+    raise FileNotFoundError(f"{what} {path} does not exist ({field})")
   records = []
   with open(path, encoding="utf-8") as f:
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue
       try:
-        record = json.loads(line)
+        record = json.loads(line.rstrip("\r\n"))
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{number}: not JSON ({e.msg} at column {e.colno}); one "
                          "object per line") from None
@@ -57,28 +60,34 @@ def _is_sft_record(record) -> bool:
           and isinstance(record.get("system", ""), str))
 
 
-def read_records(path: str) -> list[dict]:
+def read_records(path: str, field: str = "config.data.sft_path") -> list[dict]:
   """The SFT records of a JSON-lines file. Raises FileNotFoundError, or ValueError naming the
   file and line of the first record that is not an object with non-empty string ``prompt``
   and ``response`` (and, if present, a string ``system``)."""
   return read_jsonl(path, _is_sft_record, "an SFT record needs non-empty string 'prompt' and "
-                    "'response' (and an optional string 'system')", "SFT file")
+                    "'response' (and an optional string 'system')", "SFT file", field)
 
 
 def encode_record(record: dict, tokenizer) -> tuple[np.ndarray, np.ndarray]:
   """(ids [L] int32, loss_mask [L - 1] float32) of one record in the chat template (module
   doc): ``loss_mask[t]`` is 1 when ``ids[t + 1]`` is a response token or the final <eos>.
   Raises ValueError when the tokenizer has no id for a role token."""
-  user, assistant = (role_id(tokenizer, name) for name in ROLE_TOKENS)
-  bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
   eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-  context = (bos + tokenizer.encode(record.get("system", "")) + [user]
-             + tokenizer.encode(record["prompt"]) + [assistant])
+  context = chat_context(record["prompt"], tokenizer, record.get("system", ""))
   answer = tokenizer.encode(record["response"]) + eos
   ids = np.asarray(context + answer, np.int32)
   mask = np.zeros(len(ids) - 1, np.float32)
   mask[len(context) - 1:] = 1.0  # targets ids[len(context):], the response and <eos>
   return ids, mask
+
+
+def chat_context(prompt: str, tokenizer, system: str = "") -> list[int]:
+  """Token ids of ``<bos> system <|User|> prompt <|Assistant|>``: what a chat model is given
+  to answer ``prompt`` (SFT records, RL prompts and samples of a fine-tuned model). Raises
+  ValueError when the tokenizer has no id for a role token."""
+  user, assistant = (role_id(tokenizer, name) for name in ROLE_TOKENS)
+  bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+  return bos + tokenizer.encode(system) + [user] + tokenizer.encode(prompt) + [assistant]
 
 
 def role_id(tokenizer, name: str) -> int:

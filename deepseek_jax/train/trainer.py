@@ -48,6 +48,7 @@ from deepseek_jax.train.checkpoint import (Checkpointer, check_compatible, check
 from deepseek_jax.train.loss import PretrainLoss, loss_fn
 from deepseek_jax.train.metrics import MetricsLogger, device_peak_flops, say
 from deepseek_jax.train.optimizer import lr_schedule, make_optimizer, piecewise_constant
+from deepseek_jax.train.sft import chat_context
 from deepseek_jax.train.step import (StepOptions, TrainState, abstract_train_state,
                                      init_train_state, jit_train_step)
 from deepseek_jax.train.workdir import WorkdirLock, check_workdir
@@ -262,6 +263,16 @@ class Preemption:
       return multihost_utils.reached_preemption_sync_point(step) or anyone
     return bool(self.requested)
 
+  def late(self, result: dict) -> dict:
+    """``result`` of a run whose loop had finished; a signal that came after its loop (during
+    the final evaluation or sampling) is reported as ``preempted_at`` its last step, so a
+    caller running several stages stops too instead of losing it."""
+    if self.requested and not result.get("preempted_at"):
+      step = result.get("step", result.get("already_at"))
+      say(f"{self.requested} after the last step ({step}), which is saved; stopping")
+      return dict(result, preempted_at=step)
+    return result
+
   def restore(self):
     for sig, previous in self._previous.items():
       signal.signal(sig, previous)
@@ -321,7 +332,7 @@ def train(config, workdir: str, step: Optional[int] = None) -> dict:
     lock.acquire()
   preemption = Preemption()  # from here on, SIGTERM / Ctrl-C save the step the loop reaches
   try:
-    return _train_locked(setup, workdir, step, preemption)
+    return preemption.late(_train_locked(setup, workdir, step, preemption))
   finally:
     preemption.restore()
     lock.release()
@@ -415,7 +426,8 @@ def _train_locked(setup: Setup, workdir: str, requested: Optional[int],
       ckpt.close()
   final = dict(record, eval=_evaluate_state(setup, graphdef, state))
   say(f"held-out: loss {final['eval']['loss']:.4f}, perplexity {final['eval']['perplexity']:.2f}")
-  final["samples"] = _sample_state(setup, graphdef, state)
+  final["samples"] = (_sample_state(setup, graphdef, state) if setup.config.sample.prompts
+                      else [])
   return final
 
 
@@ -455,14 +467,23 @@ def _evaluate_state(setup: Setup, graphdef, state: TrainState, max_batches: Opti
   return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(count)}
 
 
+def _chat_template(config) -> bool:
+  """Sample in the chat template: ``sample.chat_template``, or an RL config's
+  ``task.chat_template`` (the policy was trained on prompts in it)."""
+  task = config.get("task")
+  return bool(config.sample.chat_template or (task is not None and task.get("chat_template")))
+
+
 def _sample_state(setup: Setup, graphdef, state: TrainState, prompts=None) -> list[str]:
   c, tok = setup.config, setup.tokenizer
   prompts = list(prompts or c.sample.prompts)
   model = nnx.merge(graphdef, state.params, state.model_state)
   # Few short rows: local MoE dispatch (no expert-parallel split of a handful of tokens).
   set_execution(model, resolve_execution(setup.model_cfg, setup.mesh, expert_parallel=False))
-  bos = [tok.bos_id] if tok.bos_id is not None else []
-  encoded = [bos + tok.encode(p) for p in prompts]
+  if _chat_template(c):
+    encoded = [chat_context(p, tok) for p in prompts]
+  else:
+    encoded = [([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(p) for p in prompts]
   out = generate(model, encoded, max_new_tokens=c.sample.max_new_tokens,
                  sampling=SamplingConfig(temperature=c.sample.temperature),
                  stop_tokens=[tok.eos_id] if tok.eos_id is not None else [],
@@ -510,5 +531,6 @@ def evaluate(config, workdir: str, step: Optional[int] = None, max_batches: Opti
 def sample(config, workdir: str, prompts=None, step: Optional[int] = None) -> list[str]:
   """Generate from a checkpoint (the latest by default)."""
   setup, graphdef, state, step = _load_for_inference(config, workdir, step)
-  say(f"sampling from step {step} of {workdir}")
+  say(f"sampling from step {step} of {workdir}"
+      + (" (prompts in the chat template)" if _chat_template(setup.config) else ""))
   return _sample_state(setup, graphdef, state, prompts)

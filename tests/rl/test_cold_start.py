@@ -58,3 +58,14 @@ def test_fact_answers_quote_the_sentence_the_corpus_states():
   for r in cold_start_records(40, kinds=("fact",), seed=1):
     quoted = re.search(r'says: "(.*?)"', r["response"]).group(1)
     assert quoted in text and str(r["answer"]) in quoted
+
+
+def test_excluded_prompts_never_appear():
+  from deepseek_jax.rl.tasks import arithmetic_records, fact_records
+  held_out = {r["prompt"] for r in arithmetic_records("eval") + fact_records("eval")}
+  records = cold_start_records(400, seed=0, max_operand=9, exclude=held_out)
+  assert len(records) == 400 and not {r["prompt"] for r in records} & held_out
+  assert {r["prompt"] for r in records} - held_out  # the training prompts are used
+  with pytest.raises(ValueError, match="every fact question is excluded"):
+    cold_start_records(4, exclude={r["prompt"] for r in fact_records("train") + fact_records(
+        "eval")})

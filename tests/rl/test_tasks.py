@@ -49,7 +49,7 @@ def test_a_prompt_file_is_read_and_a_bad_line_is_named(tmp_path):
   path.write_text("{oops\n")
   with pytest.raises(ValueError, match=r"p.jsonl:1: not JSON"):
     jsonl_records(str(path))
-  with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+  with pytest.raises(FileNotFoundError, match=r"missing.jsonl does not exist \(config.task."):
     jsonl_records(str(tmp_path / "missing.jsonl"))
 
 
@@ -60,3 +60,31 @@ def test_a_prompt_over_the_budget_is_refused_with_its_index():
   with pytest.raises(ValueError, match=r"prompt 1 \('x{57}\.\.\.'\) has 71 tokens but only 8 "
                      r"fit \(the longest prompt has 71\); raise it"):
     encode_prompts(records, ByteTokenizer(), budget=8, fix="raise it")
+
+
+def test_fact_questions_cover_the_world_and_split_like_arithmetic():
+  from deepseek_jax.rl.tasks import fact_questions, fact_records
+  from deepseek_jax.train.corpus import world
+  questions = fact_questions()
+  assert len(questions) == 5 * len(world(0))
+  for q in questions:
+    assert q["prompt"].startswith("Q: ") and q["prompt"].endswith("?\nA:")
+    assert str(q["answer"]) in q["source"] and q["kind"] == "fact"
+  train, held = fact_records("train"), fact_records("eval")
+  assert len(held) == round(0.2 * len(questions)) and not (
+      {q["prompt"] for q in train} & {q["prompt"] for q in held})
+  assert {r["kind"] for r in arithmetic_records("train")} == {"add", "sub", "mul"}
+
+
+def test_chat_template_prompts_are_the_sft_context():
+  from deepseek_jax.rl.tasks import prompt_ids
+  from deepseek_jax.train.sft import ASSISTANT, USER, encode_record
+  tok = ByteTokenizer()
+  ids = prompt_ids("3 + 4 =", tok, chat_template=True)
+  assert ids == [tok.bos_id, tok.special_tokens[USER]] + tok.encode("3 + 4 =") + [
+      tok.special_tokens[ASSISTANT]]
+  full, mask = encode_record({"prompt": "3 + 4 =", "response": "7"}, tok)
+  assert list(full[:len(ids)]) == ids and mask[:len(ids) - 1].sum() == 0
+  assert prompt_ids("3 + 4 =", tok) == [tok.bos_id] + tok.encode("3 + 4 =")
+  assert encode_prompts([{"prompt": "1 =", "answer": 1}], tok, budget=6, fix="",
+                        chat_template=True) == [[1, 259] + tok.encode("1 =") + [260]]

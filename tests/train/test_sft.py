@@ -75,9 +75,11 @@ def test_bad_records_are_named_by_file_and_line(tmp_path):
   path.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps({"prompt": "x"}) + "\n")
   with pytest.raises(ValueError, match=r"bad.jsonl:2: an SFT record needs"):
     read_records(str(path))
-  path.write_text("{nope\n")
-  with pytest.raises(ValueError, match=r"bad.jsonl:1: not JSON \(.* at column \d+\)"):
-    read_records(str(path))
+  path.write_text('{"prompt": "a" "response": "b"}\n')
+  with pytest.raises(ValueError, match=r"bad.jsonl:1: not JSON \(.* at column 16\)"):
+    read_records(str(path))  # the column of the missing comma
+  with pytest.raises(FileNotFoundError, match=r"no SFT file given \(config.data.sft_path is "):
+    read_records("")
   cfg = default_config().data
   with cfg.unlocked():
     cfg.source, cfg.sft_path = "sft", _write(tmp_path / "long.jsonl",

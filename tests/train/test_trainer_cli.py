@@ -117,6 +117,11 @@ def test_evaluate_and_sample_read_the_latest_checkpoint(reference_run):
   sample = _run("sample.py", workdir, "--prompt=Leo lives in", "--config.sample.max_new_tokens=8")
   assert sample.returncode == 0, sample.stderr[-3000:]
   assert "--- sample ---\nLeo lives in" in sample.stdout
+  chat = _run("sample.py", workdir, "--prompt=1 + 1 =", "--config.sample.max_new_tokens=4",
+              "--config.sample.chat_template=True")
+  assert chat.returncode == 0, chat.stderr[-3000:]
+  assert "(prompts in the chat template)" in chat.stdout
+  assert "--- sample ---\n1 + 1 =" in chat.stdout
 
 
 def test_a_different_model_is_refused_and_nothing_is_overwritten(reference_run):
