@@ -97,7 +97,8 @@ def parse_flags(argv):
     given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
              and leaf in a.split("=")[0].split(".")]
     where = f" ({given[0]})" if given else ""
-    print(f"error: unknown config field in a --config.* override{where}: {detail}; the fields "
+    sep = " " if detail.endswith("?") else "; "
+    print(f"error: unknown config field in a --config.* override{where}: {detail}{sep}the fields "
           "are those of the config file's get_config (defaults: deepseek_jax/train/config.py, "
           "deepseek_jax/rl/config.py for RL, deepseek_jax/rl/pipeline.py for the R1 pipeline)", file=sys.stderr, flush=True)
     sys.exit(1)
