@@ -2,6 +2,7 @@
 
 Layers, lowest first (a module may import its own package and anything below it):
   typed_fields, config               typed dataclass fields; ModelConfig
+  quant                              number formats (FP8 quantisation and its GEMMs): jax only
   cli, ops                           leaves: command-line plumbing; low-level compute
   parallel                           mesh, partitioning, expert parallelism (never model/)
   model                              the layers and the decoder
@@ -19,8 +20,9 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-RANK = {"typed_fields": 0, "config": 1, "cli": 2, "ops": 2, "parallel": 3, "model": 4,
-        "inference": 5, "interop": 5, "analytics": 5, "train": 6, "rl": 7, "convert": 7}
+RANK = {"typed_fields": 0, "config": 1, "quant": 2, "cli": 3, "ops": 3, "parallel": 4,
+        "model": 5, "inference": 6, "interop": 6, "analytics": 6, "train": 7, "rl": 8,
+        "convert": 8}
 
 
 def _imports(path: pathlib.Path) -> set[str]:

@@ -62,3 +62,37 @@ def test_weight_matmul_casts_both_operands_to_the_compute_dtype():
   out32 = matmul.weight_matmul("TD,DF->TF", x.astype(jnp.bfloat16), w, dtype=jnp.bfloat16,
                                preferred_element_type=jnp.float32)
   assert out32.dtype == jnp.float32 and float(out32[0, 0]) == 3.0
+
+
+@pytest.mark.parametrize("eqn, x_shape, w_shape", [
+    ("BTD,DNH->BTNH", (2, 8, 64), (64, 4, 48)),  # W_UQ-like: the head axes flatten to N
+    ("BTNV,NVD->BTD", (2, 8, 4, 40), (4, 40, 96)),  # W_O: two contracted axes, K = 160
+    ("BTD,DF->BTF", (3, 5, 200), (200, 130)),  # no axis a multiple of 128
+])
+def test_fp8_formats_are_the_quant_gemm_on_the_weights_matrix_form(eqn, x_shape, w_shape):
+  from deepseek_jax.quant import fp8
+  x = jax.random.normal(jax.random.key(0), x_shape)
+  w = 0.05 * jax.random.normal(jax.random.key(1), w_shape)
+  exact = matmul.weight_matmul(eqn, x, w, dtype=jnp.float32)
+  for fmt in ("fp8_blockwise", "fp8_tensorwise"):
+    out, vjp = jax.vjp(lambda a, b: matmul.weight_matmul(eqn, a, b, dtype=jnp.float32, fmt=fmt),
+                       x, w)
+    assert out.shape == exact.shape and out.dtype == jnp.float32
+    assert fp8.relative_error(out, exact) < 2e-3, fmt
+    dx, dw = vjp(jnp.ones_like(out))
+    assert dx.shape == x.shape and dw.shape == w.shape
+  # The blockwise product is fp8_matmul of the flattened [M, K] x [K, N] operands.
+  m = 1
+  for size in x_shape[:-1 if eqn.startswith("BTD") else -2]:
+    m *= size
+  k = w_shape[0] if eqn.startswith("BTD") else w_shape[0] * w_shape[1]
+  flat = fp8.fp8_matmul(x.reshape(m, k), w.reshape(k, -1))
+  got = matmul.weight_matmul(eqn, x, w, dtype=jnp.float32, fmt="fp8_blockwise")
+  assert jnp.array_equal(got.reshape(m, -1), flat)
+  with pytest.raises(ValueError, match="matmul format must be one of"):
+    matmul.weight_matmul(eqn, x, w, dtype=jnp.float32, fmt="fp4")
+  with pytest.raises(ValueError, match="not built yet"):
+    matmul.weight_matmul(eqn, x, w, dtype=jnp.float32, fmt="fp8_blockwise",
+                         product=lambda a, b: a)
+  with pytest.raises(ValueError, match="disjoint free axes"):
+    fp8.fp8_einsum("NBD,EDF->NBF", jnp.ones((2, 3, 4)), jnp.ones((5, 4, 6)))

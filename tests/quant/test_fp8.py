@@ -1,0 +1,141 @@
+"""FP8 numerics on CPU (V3 §3.3, REFERENCE.md §5): the quantisers, the block-scaled GEMM, the
+error at scaled-down V3 GEMM shapes in DeepGEMM's metric, outlier channels (tiles vs one scale
+per tensor), and the custom VJP's FP8 Dgrad / Wgrad."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deepseek_jax.quant import fp8
+
+
+def _normal(key, shape, scale=1.0):
+  return scale * jax.random.normal(jax.random.key(key), shape, jnp.float32)
+
+
+def test_tiles_are_scaled_by_their_own_amax_and_round_trip_within_e4m3():
+  x = _normal(0, (5, 300)).at[2, 130].set(50.0).at[4, :128].set(0.0)  # K = 300: padded
+  q, scale = fp8.quantize_tiles(x)
+  assert q.dtype == jnp.float8_e4m3fn and q.shape == (5, 384) and scale.shape == (5, 3)
+  padded = np.pad(np.asarray(x), ((0, 0), (0, 84))).reshape(5, 3, 128)
+  amax = np.abs(padded).max(-1)
+  np.testing.assert_allclose(scale, np.maximum(amax, 1e-4) / 448, rtol=1e-6)
+  assert scale[4, 0] == pytest.approx(1e-4 / 448)  # an all-zero tile: the amax floor
+  assert float(np.abs(np.asarray(q.astype(jnp.float32))).max()) == 448.0
+  back = np.asarray(fp8.dequantize_tiles(q, scale))[:, :300]
+  # E4M3 keeps 3 mantissa bits: relative error <= 2^-4 for normal values, and a subnormal
+  # step of scale * 2^-9 absolute.
+  bound = 2.0 ** -4 * np.abs(x) + np.repeat(scale, 128, axis=1)[:, :300] * 2.0 ** -9
+  assert (np.abs(back - np.asarray(x)) <= bound + 1e-12).all()
+
+
+def test_weight_blocks_are_independent_and_match_the_checkpoint_layout():
+  w = _normal(1, (260, 200))  # neither axis a multiple of 128
+  q, scale = fp8.quantize_blocks(w)
+  assert q.shape == (384, 256) and scale.shape == (3, 2)
+  w2 = w.at[0, 0].set(1000.0)  # only block (0, 0) changes scale
+  _, scale2 = fp8.quantize_blocks(w2)
+  changed = np.asarray(scale2 != scale)
+  assert changed[0, 0] and changed.sum() == 1
+  back = np.asarray(fp8.dequantize_blocks(q, scale))[:260, :200]
+  np.testing.assert_allclose(back, w, rtol=2 ** -4, atol=float(scale.max()) * 2 ** -9)
+
+
+def test_scaled_dot_is_the_product_of_the_dequantised_operands():
+  a, b = _normal(2, (16, 256)), _normal(3, (256, 96))
+  qa, sa = fp8.quantize_tiles(a)
+  qb, sb = fp8.quantize_blocks(b)
+  out = fp8.scaled_dot(qa, sa, qb[:, :96], jnp.repeat(sb, 128, axis=1)[:, :96])
+  ref = fp8.dequantize_tiles(qa, sa) @ fp8.dequantize_blocks(qb, sb)[:, :96]
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
+
+
+# V3's GEMM shapes (N, K) from DeepGEMM's table, N and K divided by 16, M = 64 tokens:
+# K = 128 and 1024 are whole slices; 448 and 96 are not.
+SHAPES = [(448, 128), (256, 448), (1536, 96), (448, 1024)]
+
+
+@pytest.mark.parametrize("n, k", SHAPES)
+def test_gemm_error_is_under_1e_3_in_deepgemms_metric(n, k):
+  x, w = _normal(4, (64, k)), _normal(5, (k, n), 0.05)
+  out = fp8.fp8_matmul(x, w)
+  assert out.shape == (64, n) and out.dtype == jnp.float32
+  error = fp8.relative_error(out, x @ w)
+  assert error < 1e-3, error
+
+
+@pytest.mark.parametrize("factor", [1e3, 1e4, 1e5])
+def test_outlier_channels_cost_per_tensor_scaling_and_not_tiles(factor):
+  x = _normal(6, (128, 2048))  # 16 tiles per row; the outliers sit in 2 of them
+  outliers = jnp.array([7, 1300])  # two channels far larger than the rest
+  x = x.at[:, outliers].multiply(factor)
+  w = _normal(7, (2048, 256), 0.05)
+  normal = np.setdiff1d(np.arange(2048), np.asarray(outliers))
+  q, s = fp8.quantize_tiles(x)
+  qt, st = fp8.quantize_tensor(x)
+  # The activations' quantisation error on the ordinary channels. One scale for the tensor
+  # puts them `factor` below the outliers; E4M3 spans 448 / 2^-9 ~ 2^18, so from ~1e4 they
+  # reach its subnormals and lose their mantissa. With 1x128 tiles only the two tiles that
+  # hold an outlier are affected.
+  tiles = fp8.relative_error(fp8.dequantize_tiles(q, s)[:, normal], x[:, normal])
+  tensor = fp8.relative_error((qt.astype(jnp.float32) * st)[:, normal], x[:, normal])
+  exact = x @ w
+  blockwise = fp8.relative_error(fp8.fp8_matmul(x, w, "blockwise"), exact)
+  tensorwise = fp8.relative_error(fp8.fp8_matmul(x, w, "tensorwise"), exact)
+  print(f"outliers x{factor:.0e}, ordinary channels: tiles {tiles:.2e} vs per-tensor "
+        f"{tensor:.2e}; GEMM: blockwise {blockwise:.2e} vs tensorwise {tensorwise:.2e}")
+  # Measured: x1e3 3.3e-4 vs 3.5e-4, x1e4 3.4e-4 vs 8.1e-4, x1e5 1.2e-3 vs 6.9e-2. The GEMM's
+  # error is the outlier channels' (they dominate the product), so it hardly moves.
+  assert tiles < 2e-3 and blockwise < 1e-3 and blockwise < tensorwise
+  if factor >= 1e4:
+    assert tiles * (2 if factor < 1e5 else 20) < tensor
+
+
+def _fp8_backward_by_hand(x, w, g):
+  """Dgrad and Wgrad from explicitly quantised operands (the recipe of V3 Fig. 7)."""
+  qg, sg = fp8.quantize_tiles(g)  # along N
+  qw, sw = fp8.quantize_blocks(w)
+  k = w.shape[0]
+  dx = fp8.dequantize_tiles(qg, sg)[:, :] @ fp8.dequantize_blocks(qw, sw)[:k].T
+  qx, sx = fp8.quantize_tiles(x.T)  # along M
+  qgt, sgt = fp8.quantize_tiles(g.T)  # along M
+  dw = fp8.dequantize_tiles(qx, sx) @ fp8.dequantize_tiles(qgt, sgt).T
+  return dx[:, :k] if dx.shape[1] > k else dx, dw
+
+
+def test_the_custom_vjp_runs_dgrad_and_wgrad_in_fp8():
+  x, w = _normal(8, (200, 300)), _normal(9, (300, 160), 0.05)  # M, K, N not multiples of 128
+  g = _normal(10, (200, 160))
+  _, vjp = jax.vjp(lambda a, b: fp8.fp8_matmul(a, b), x, w)
+  dx, dw = vjp(g)
+  hx, hw = _fp8_backward_by_hand(x, w, g)
+  np.testing.assert_allclose(dx, hx, rtol=1e-4, atol=1e-4)  # the FP8 GEMMs, not f32 ones
+  np.testing.assert_allclose(dw, hw, rtol=1e-4, atol=1e-3)
+  # Against the exact gradients: within DeepGEMM's GEMM tolerance, as BF16 is.
+  ex, ew = jax.vjp(lambda a, b: a @ b, x, w)[1](g)
+  bx, bw = jax.vjp(lambda a, b: (a.astype(jnp.bfloat16) @ b.astype(jnp.bfloat16)),
+                   x, w)[1](g.astype(jnp.bfloat16))
+  for fp, exact, bf in ((dx, ex, bx), (dw, ew, bw)):
+    err, bf_err = fp8.relative_error(fp, exact), fp8.relative_error(bf, exact)
+    assert err < 1e-3 and bf_err < 1e-4, (err, bf_err)
+  assert fp8.relative_error(dx, hx) < 1e-9
+
+
+def test_bfloat16_operands_keep_their_dtypes_and_tensorwise_runs():
+  x = _normal(11, (32, 256)).astype(jnp.bfloat16)
+  w = _normal(12, (256, 64), 0.05).astype(jnp.bfloat16)
+  for fmt in fp8.FORMATS:
+    out, vjp = jax.vjp(lambda a, b: fp8.fp8_matmul(a, b, fmt), x, w)
+    dx, dw = vjp(jnp.ones_like(out))
+    assert (out.dtype, dx.dtype, dw.dtype) == (jnp.bfloat16,) * 3
+    assert fp8.relative_error(out, x.astype(jnp.float32) @ w.astype(jnp.float32)) < 2e-3
+  with pytest.raises(ValueError, match="fp8 format must be one of"):
+    fp8.fp8_matmul(x, w, "e5m2")
+
+
+def test_it_jits_and_takes_gradients_through_a_loss():
+  x, w = _normal(13, (64, 128)), _normal(14, (128, 32), 0.1)
+  loss = jax.jit(jax.grad(lambda b: jnp.sum(fp8.fp8_matmul(x, b) ** 2)))
+  exact = jax.grad(lambda b: jnp.sum((x @ b) ** 2))(w)
+  assert fp8.relative_error(loss(w), exact) < 2e-3
