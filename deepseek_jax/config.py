@@ -30,6 +30,7 @@ ExpertExchange = Literal["auto", "ragged", "padded"]
 GroupedMatmulImpl = Literal["auto", "ragged_dot", "tiled", "megablox", "tokamax"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 DType = Literal["float32", "bfloat16", "float16"]
+MatmulFormatName = Literal["bf16", "fp8_blockwise", "fp8_tensorwise"]
 
 ATTENTION_KINDS = get_args(AttentionKind)
 ATTENTION_IMPLS = get_args(AttentionImpl)
@@ -40,6 +41,7 @@ EXPERT_EXCHANGES = get_args(ExpertExchange)
 GROUPED_MATMUL_IMPLS = get_args(GroupedMatmulImpl)
 REMAT_POLICIES = get_args(RematPolicy)
 DTYPES = get_args(DType)
+MATMUL_FORMATS = get_args(MatmulFormatName)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -110,6 +112,12 @@ class ModelConfig:
   tie_embeddings: bool = False
   dtype: DType = "float32"  # activation / matmul dtype
   param_dtype: DType = "float32"
+  # Number format of the weight matmuls (V3 §3.3; ops.matmul.MatmulFormat): "bf16" = the
+  # operands in `dtype`; "fp8_blockwise" = E4M3 in 1x128 activation tiles / 128x128 weight
+  # blocks for Fprop, Dgrad and Wgrad; "fp8_tensorwise" = E4M3, one scale per operand. The
+  # embedding, output head, router, norms and attention core stay in `dtype` / float32.
+  matmul_format: MatmulFormatName = "bf16"
+  fp8_cache_inputs: bool = False  # keep FP8 matmul inputs for backward as E4M3 + scales
 
   # --- execution (no effect on the function computed) ---
   scan_layers: bool = True  # lax.scan over each stack (compile time independent of depth)
@@ -187,6 +195,10 @@ def _validate(c: ModelConfig) -> None:
            f"must be positive or None (no query compression), got {c.q_lora_rank}")
   _require(c.qk_rope_head_dim >= 0 and c.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
            f"must be a non-negative even number (RoPE rotates pairs), got {c.qk_rope_head_dim}")
+
+  _require(not c.fp8_cache_inputs or c.matmul_format != "bf16", "fp8_cache_inputs",
+           "needs an FP8 matmul_format (fp8_blockwise or fp8_tensorwise); set matmul_format or "
+           "fp8_cache_inputs=False")
 
   if c.attention_kind == "gqa":
     _require(c.n_kv_heads is not None and c.n_kv_heads > 0, "n_kv_heads",

@@ -29,7 +29,7 @@ from flax import nnx
 
 from deepseek_jax.model.layers import RMSNorm, normal_param
 from deepseek_jax.model.rope import RotaryEmbedding
-from deepseek_jax.ops.matmul import weight_matmul
+from deepseek_jax.ops.matmul import BF16, MatmulFormat, weight_matmul
 from deepseek_jax.parallel.partitioning import per_shard
 from pallas_kernels.flash_attention.ops import flash_attention
 
@@ -173,7 +173,8 @@ class QueryProjection(nnx.Module):
   """q = W_UQ RMSNorm(W_DQ h) with query compression (d_c' = q_lora_rank), else q = W_Q h."""
 
   def __init__(self, d_model: int, n_heads: int, head_dim: int, q_lora_rank: Optional[int], *,
-               eps: float, init_std: float, dtype: str, param_dtype: str, rngs: nnx.Rngs):
+               eps: float, init_std: float, dtype: str, param_dtype: str, rngs: nnx.Rngs,
+               matmul_format: MatmulFormat = BF16):
     """Weights W_DQ [D, Q] + q_norm + W_UQ [Q, N, H] with compression, else W_Q [D, N, H]."""
     kw = dict(std=init_std, param_dtype=param_dtype)
     if q_lora_rank:
@@ -187,13 +188,15 @@ class QueryProjection(nnx.Module):
       self.wq = normal_param(rngs, (d_model, n_heads, head_dim), ("embed", "heads", "head_dim"),
                              **kw)
     self.dtype = dtype
+    self.matmul_format = matmul_format
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x [B, T, D] -> q [B, T, N, H]."""
+    kw = dict(dtype=self.dtype, fmt=self.matmul_format)
     if self.wq is not None:
-      return weight_matmul("BTD,DNH->BTNH", x, self.wq, dtype=self.dtype)
-    c_q = self.q_norm(weight_matmul("BTD,DQ->BTQ", x, self.wq_a, dtype=self.dtype))
-    return weight_matmul("BTQ,QNH->BTNH", c_q, self.wq_b, dtype=self.dtype)
+      return weight_matmul("BTD,DNH->BTNH", x, self.wq, **kw)
+    c_q = self.q_norm(weight_matmul("BTD,DQ->BTQ", x, self.wq_a, **kw))
+    return weight_matmul("BTQ,QNH->BTNH", c_q, self.wq_b, **kw)
 
 
 class GroupedQueryAttention(nnx.Module):
@@ -205,13 +208,15 @@ class GroupedQueryAttention(nnx.Module):
 
   def __init__(self, spec: AttentionSpec, *, rotary: RotaryEmbedding, eps: float,
                init_std: float, dtype: str, param_dtype: str, rngs: nnx.Rngs,
-               attention_impl: str = "xla"):
+               attention_impl: str = "xla", matmul_format: MatmulFormat = BF16):
     """``spec.n_kv_heads`` key/value heads (n_heads for MHA). ``attention_impl``: "xla" or
-    "pallas" (resolved). Raises ValueError for an unresolved kernel choice."""
+    "pallas" (resolved); ``matmul_format``: the projections' number format. Raises
+    ValueError for an unresolved kernel choice."""
     kw = dict(std=init_std, param_dtype=param_dtype)
     n, kv, qk, v = spec.n_heads, spec.n_kv_heads or spec.n_heads, spec.qk_head_dim, spec.v_head_dim
     self.query = QueryProjection(spec.d_model, n, qk, spec.q_lora_rank, eps=eps,
-                                 init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                 init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                 matmul_format=matmul_format)
     self.wk = normal_param(rngs, (spec.d_model, kv, qk), ("embed", "kv_heads", "head_dim"), **kw)
     self.wv = normal_param(rngs, (spec.d_model, kv, v), ("embed", "kv_heads", "head_dim"), **kw)
     self.wo = normal_param(rngs, (n, v, spec.d_model), ("heads", "head_dim", "embed"), **kw)
@@ -220,6 +225,7 @@ class GroupedQueryAttention(nnx.Module):
     self.scale = spec.softmax_scale
     self.attention_impl = check_kernel_choice("attention_impl", attention_impl)
     self.dtype = dtype
+    self.matmul_format = matmul_format
 
   def _rope_tail(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     return jnp.concatenate([x[..., :self.nope_dim], self.rotary(x[..., self.nope_dim:], positions)],
@@ -233,12 +239,14 @@ class GroupedQueryAttention(nnx.Module):
       raise ValueError(f"MHA/GQA cache must be a KVCache, got {type(cache.stacked).__name__}")
     x = x.astype(self.dtype)
     q = self._rope_tail(self.query(x), positions)
-    k = self._rope_tail(weight_matmul("BTD,DKH->BTKH", x, self.wk, dtype=self.dtype), positions)
-    v = weight_matmul("BTD,DKV->BTKV", x, self.wv, dtype=self.dtype)
+    k = self._rope_tail(weight_matmul("BTD,DKH->BTKH", x, self.wk, dtype=self.dtype,
+                                            fmt=self.matmul_format), positions)
+    v = weight_matmul("BTD,DKV->BTKV", x, self.wv, dtype=self.dtype, fmt=self.matmul_format)
     if cache is None:
       out = causal_self_attention(q, k, v, segment_ids, self.scale, self.attention_impl)
     else:
       cache = cache.write(KVCache(k, v), cache_index)
       k, v = (a.astype(self.dtype) for a in cache.read())
       out = attend(q, k, v, self_attention_mask(positions, None, k.shape[1]), self.scale)
-    return weight_matmul("BTNV,NVD->BTD", out, self.wo, dtype=self.dtype), cache
+    return weight_matmul("BTNV,NVD->BTD", out, self.wo, dtype=self.dtype,
+                         fmt=self.matmul_format), cache

@@ -27,6 +27,7 @@ from deepseek_jax.model.mla import MultiHeadLatentAttention
 from deepseek_jax.model.moe import MoE
 from deepseek_jax.ops.grouped_matmul import resolve_impl
 from deepseek_jax.parallel.expert_parallel import ExpertPlacement, resolve_exchange
+from deepseek_jax.quant.fp8 import BLOCK as FP8_BLOCK
 from pallas_kernels.platform import target_platform
 
 
@@ -77,7 +78,9 @@ def resolve_execution(cfg: ModelConfig, mesh: Optional[Mesh] = None, *,
   axis is > 1 (``expert_parallel=False`` forces local dispatch, e.g. for sampling with small
   batches). The expert placement is the identity; another table is given with
   ``dataclasses.replace(execution, expert_placement=ExpertPlacement(...))``. Raises ValueError
-  for an expert axis that does not divide the routed experts.
+  for an expert axis that does not divide the routed experts, and for ``fp8_blockwise`` expert
+  parallelism whose tensor axis cuts the expert hidden dim into shards that are not whole
+  128-wide blocks.
   """
   platform = _platform(mesh)
   multi_device = mesh is not None and mesh.size > 1
@@ -88,6 +91,17 @@ def resolve_execution(cfg: ModelConfig, mesh: Optional[Mesh] = None, *,
   if ep and cfg.n_moe_layers and cfg.n_routed_experts % expert_axis:
     raise ValueError(f"n_routed_experts={cfg.n_routed_experts} must be divisible by the mesh's "
                      f"expert axis ({expert_axis}); change mesh.expert or the number of experts")
+  tensor = 1 if mesh is None else mesh.shape.get("tensor", 1)
+  shard_f = cfg.moe_ffn_dim // tensor
+  if (ep and cfg.n_moe_layers and cfg.matmul_format == "fp8_blockwise" and tensor > 1
+      and cfg.moe_ffn_dim % tensor == 0 and shard_f % FP8_BLOCK):
+    # Inside shard_map each shard quantises its own slice of the expert hidden dim F.
+    raise ValueError(
+        f"matmul_format='fp8_blockwise' with expert parallelism splits each expert's hidden dim "
+        f"moe_ffn_dim={cfg.moe_ffn_dim} over the mesh's tensor axis ({tensor}) into shards of "
+        f"{shard_f}, not a multiple of {FP8_BLOCK}: the 128x128 weight blocks and 1x128 tiles "
+        f"would straddle shards; use a tensor axis that leaves multiples of {FP8_BLOCK} "
+        f"(or mesh.tensor=1), or matmul_format='fp8_tensorwise' / 'bf16'")
   # Outside shard_map on a multi-device mesh XLA partitions the grouped matmul itself.
   grouped = resolve_impl(cfg.grouped_matmul, platform=platform,
                          partitioned=multi_device and not ep)

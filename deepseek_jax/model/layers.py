@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deepseek_jax.ops.matmul import weight_matmul
+from deepseek_jax.ops.matmul import BF16, MatmulFormat, weight_matmul
 
 
 def param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
@@ -52,18 +52,20 @@ class SwiGLU(nnx.Module):
   """Dense FFN: W_down (silu(x W_gate) * x W_up). Used for dense layers and shared experts."""
 
   def __init__(self, d_model: int, hidden: int, *, init_std: float, dtype: str,
-               param_dtype: str, rngs: nnx.Rngs):
+               param_dtype: str, rngs: nnx.Rngs, matmul_format: MatmulFormat = BF16):
     kw = dict(std=init_std, param_dtype=param_dtype)
     self.w_gate = normal_param(rngs, (d_model, hidden), ("embed", "mlp"), **kw)
     self.w_up = normal_param(rngs, (d_model, hidden), ("embed", "mlp"), **kw)
     self.w_down = normal_param(rngs, (hidden, d_model), ("mlp", "embed"), **kw)
     self.dtype = dtype
+    self.matmul_format = matmul_format
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x [B, T, D] -> [B, T, D] in ``dtype``."""
-    gate = weight_matmul("BTD,DF->BTF", x, self.w_gate, dtype=self.dtype)
-    up = weight_matmul("BTD,DF->BTF", x, self.w_up, dtype=self.dtype)
-    return weight_matmul("BTF,FD->BTD", jax.nn.silu(gate) * up, self.w_down, dtype=self.dtype)
+    kw = dict(dtype=self.dtype, fmt=self.matmul_format)
+    gate = weight_matmul("BTD,DF->BTF", x, self.w_gate, **kw)
+    up = weight_matmul("BTD,DF->BTF", x, self.w_up, **kw)
+    return weight_matmul("BTF,FD->BTD", jax.nn.silu(gate) * up, self.w_down, **kw)
 
 
 class Embed(nnx.Module):

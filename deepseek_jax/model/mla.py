@@ -50,7 +50,7 @@ from deepseek_jax.model.attention import (AttentionSpec, CacheView, KVCache, Que
                                           masked_softmax, self_attention_mask)
 from deepseek_jax.model.layers import RMSNorm, normal_param
 from deepseek_jax.model.rope import RotaryEmbedding
-from deepseek_jax.ops.matmul import weight_matmul
+from deepseek_jax.ops.matmul import BF16, MatmulFormat, weight_matmul
 from pallas_kernels.mla_decode.ops import PAGE_SIZE, contiguous_as_pages, mla_decode
 
 
@@ -88,10 +88,12 @@ class MultiHeadLatentAttention(nnx.Module):
 
   def __init__(self, spec: AttentionSpec, *, rotary: RotaryEmbedding, eps: float,
                init_std: float, dtype: str, param_dtype: str, rngs: nnx.Rngs,
-               attention_impl: str = "xla", decode_impl: str = "xla"):
+               attention_impl: str = "xla", decode_impl: str = "xla",
+               matmul_format: MatmulFormat = BF16):
     """``spec`` gives the shapes (``kv_lora_rank`` > 0); ``attention_impl`` / ``decode_impl``
-    are the resolved kernel choices ("xla" | "pallas"). Raises ValueError for an unresolved
-    kernel choice."""
+    are the resolved kernel choices ("xla" | "pallas"); ``matmul_format`` is the projections'
+    number format (the absorbed per-head products stay in ``dtype``, as in V3's inference).
+    Raises ValueError for an unresolved kernel choice."""
     kw = dict(std=init_std, param_dtype=param_dtype)
     d, n, c = spec.d_model, spec.n_heads, spec.kv_lora_rank
     self.decoupled_rope = spec.decoupled_rope
@@ -99,7 +101,8 @@ class MultiHeadLatentAttention(nnx.Module):
     shared_rope = spec.qk_rope_head_dim if spec.decoupled_rope else 0
     per_head_key = spec.qk_nope_head_dim + (0 if spec.decoupled_rope else spec.qk_rope_head_dim)
     self.query = QueryProjection(d, n, spec.qk_head_dim, spec.q_lora_rank, eps=eps,
-                                 init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                 init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                 matmul_format=matmul_format)
     self.wkv_a = normal_param(rngs, (d, c + shared_rope), ("embed", "kv_lora"), **kw)
     self.kv_norm = RMSNorm(c, eps=eps, param_dtype=param_dtype)
     self.w_uk = normal_param(rngs, (c, n, per_head_key), ("kv_lora", "heads", "head_dim"), **kw)
@@ -111,9 +114,13 @@ class MultiHeadLatentAttention(nnx.Module):
     self.attention_impl = check_kernel_choice("attention_impl", attention_impl)
     self.decode_impl = check_kernel_choice("decode_impl", decode_impl)
     self.dtype = dtype
+    self.matmul_format = matmul_format
 
-  def _matmul(self, eqn: str, x: jax.Array, name: str) -> jax.Array:
-    return weight_matmul(eqn, x, getattr(self, name), dtype=self.dtype)
+  def _matmul(self, eqn: str, x: jax.Array, name: str, absorbed: bool = False) -> jax.Array:
+    """A projection in the layer's number format; ``absorbed``: a per-head product of the
+    absorbed path (batched over heads), kept in ``dtype``."""
+    fmt = BF16 if absorbed else self.matmul_format
+    return weight_matmul(eqn, x, getattr(self, name), dtype=self.dtype, fmt=fmt)
 
   def latents(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """c_KV [B,T,C] (normalised) and the shared rotary key k_R [B,T,R] (rotated)."""
@@ -170,11 +177,11 @@ class MultiHeadLatentAttention(nnx.Module):
     kernel = absorb and x.shape[1] <= 2 and self.decode_impl == "pallas"
     pages = stacked_pages(cache) if kernel else None
     if pages is not None:  # decode / MTP verification: the Pallas kernel
-      q_lat = self._matmul("BTNH,CNH->BTNC", q_nope, "w_uk")
+      q_lat = self._matmul("BTNH,CNH->BTNC", q_nope, "w_uk", absorbed=True)
       q_cat = jnp.concatenate([q_lat, q_rope.astype(q_lat.dtype)], -1).astype(pages[0].dtype)
       o_lat, _ = mla_decode(q_cat, *pages[:2], cache_index + x.shape[1], pages[2],
                             softmax_scale=self.scale)
-      out = self._matmul("BTNC,CNV->BTNV", o_lat, "w_uv")
+      out = self._matmul("BTNC,CNV->BTNV", o_lat, "w_uv", absorbed=True)
       return self._output(out), cache
     c_kv, k_rope = (a.astype(self.dtype) for a in cache.read())
     mask = self_attention_mask(positions, None, c_kv.shape[1])
@@ -187,12 +194,12 @@ class MultiHeadLatentAttention(nnx.Module):
     return self._output(out), cache
 
   def _absorbed(self, q_nope, q_rope, c_kv, k_rope, mask) -> jax.Array:
-    q_lat = self._matmul("BTNH,CNH->BTNC", q_nope, "w_uk")
+    q_lat = self._matmul("BTNH,CNH->BTNC", q_nope, "w_uk", absorbed=True)
     scores = (jnp.einsum("BTNC,BSC->BNTS", q_lat, c_kv, preferred_element_type=jnp.float32)
               + jnp.einsum("BTNR,BSR->BNTS", q_rope, k_rope, preferred_element_type=jnp.float32))
     probs = masked_softmax(scores * self.scale, mask)
     o_lat = jnp.einsum("BNTS,BSC->BTNC", probs.astype(self.dtype), c_kv)
-    return self._matmul("BTNC,CNV->BTNV", o_lat, "w_uv")
+    return self._matmul("BTNC,CNV->BTNV", o_lat, "w_uv", absorbed=True)
 
   def _output(self, out: jax.Array) -> jax.Array:
     return self._matmul("BTNV,NVD->BTD", out, "wo")

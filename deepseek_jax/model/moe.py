@@ -56,7 +56,8 @@ from flax import nnx
 from deepseek_jax.model.layers import SwiGLU, normal_param
 from deepseek_jax.ops.grouped_matmul import (default_tile, grouped_matmul, resolve_impl,
                                              tile_layout, tile_matmul)
-from deepseek_jax.ops.matmul import weight_matmul
+from deepseek_jax.ops.matmul import BF16, MatmulFormat, weight_matmul
+from deepseek_jax.quant.fp8 import BLOCK as FP8_BLOCK, chunk_starts
 from deepseek_jax.ops.rows import gather_rows
 from deepseek_jax.parallel import expert_parallel
 from deepseek_jax.parallel.expert_parallel import ExpertPlacement
@@ -251,14 +252,17 @@ def capacity_keep(buckets: jax.Array, priority: jax.Array, n_buckets: int, capac
   return rank < capacity
 
 
-def expert_ffn(x, experts, weights, w_gate, w_up, w_down, *, impl="auto", max_rows=None):
+def expert_ffn(x, experts, weights, w_gate, w_up, w_down, *, impl="auto", max_rows=None,
+               fmt: MatmulFormat = BF16):
   """Sorted grouped-matmul expert FFNs: x [T, D] -> (sum_k w_k FFN_{e_k}(x) [T, D], overflow).
 
   ``experts`` [T, K] ids (>= E: slot unused, e.g. dropped), ``weights`` [T, K]. The T*K slots
   are sorted by expert and only the first ``max_rows`` (default all) are computed; ``overflow``
   counts the used slots past that limit (their contribution is left out). The expert weights
-  (any dtype) meet x through ``weight_matmul`` in x's dtype.
+  (any dtype) meet x through ``weight_matmul`` in x's dtype and number format ``fmt`` (FP8:
+  Wgrad's 128-row chunks restart at each expert's first row, ``quant.fp8.chunk_starts``).
   """
+  fmt = MatmulFormat(fmt) if isinstance(fmt, str) else fmt
   t, top_k = experts.shape
   n_experts, m = w_gate.shape[0], t * top_k
   rows = m if max_rows is None else min(max_rows, m)
@@ -273,14 +277,17 @@ def expert_ffn(x, experts, weights, w_gate, w_up, w_down, *, impl="auto", max_ro
   computed = (rank < bounds[-1]).reshape(t, top_k)
   x, w_gate, w_up, w_down = _same_varying_axes(x, w_gate, w_up, w_down)
   if resolve_impl(impl) == "tiled":
-    out = _tiled_expert_ffn(x, order[:rows], rank, group_sizes, top_k, w_gate, w_up, w_down)
+    out = _tiled_expert_ffn(x, order[:rows], rank, group_sizes, top_k, w_gate, w_up, w_down,
+                            fmt)
   else:
     x_sorted = x[order[:rows] // top_k]
-    gmm = lambda a, w: grouped_matmul(a, w, group_sizes, impl=impl)
-    gate = weight_matmul("MD,EDF->MF", x_sorted, w_gate, dtype=x.dtype, product=gmm)
-    up = weight_matmul("MD,EDF->MF", x_sorted, w_up, dtype=x.dtype, product=gmm)
-    out_sorted = weight_matmul("MF,EFD->MD", jax.nn.silu(gate) * up, w_down, dtype=x.dtype,
-                               product=gmm)
+    gmm = lambda a, w, sizes: grouped_matmul(a, w, sizes, impl=impl)
+    row_group = jnp.searchsorted(bounds[1:], jnp.arange(rows), side="right")
+    kw = dict(dtype=x.dtype, product=gmm, product_args=(group_sizes,), fmt=fmt,
+              chunk_starts=chunk_starts(row_group, FP8_BLOCK) if fmt.fp8 else None)
+    gate = weight_matmul("MD,EDF->MF", x_sorted, w_gate, **kw)
+    up = weight_matmul("MD,EDF->MF", x_sorted, w_up, **kw)
+    out_sorted = weight_matmul("MF,EFD->MD", jax.nn.silu(gate) * up, w_down, **kw)
     out_sorted = jnp.concatenate([out_sorted, jnp.zeros((1, x.shape[1]), out_sorted.dtype)])
     out = out_sorted[jnp.minimum(rank, rows)].reshape(t, top_k, -1)
     out = jnp.where(computed[..., None], out, 0)  # a kernel may leave rows past the groups unset
@@ -300,7 +307,7 @@ def _same_varying_axes(*arrays):
           for a, v in zip(arrays, varying)]
 
 
-def _tiled_expert_ffn(x, order, rank, group_sizes, top_k, w_gate, w_up, w_down):
+def _tiled_expert_ffn(x, order, rank, group_sizes, top_k, w_gate, w_up, w_down, fmt=BF16):
   """The whole SwiGLU in tile space (CPU): one gather of tokens into expert tiles, three tile
   matmuls, one gather back to slots [T, K, D]. ``order`` [rows] lists the computed slots in
   expert order, ``rank`` [M] each slot's sorted position. Padding slots hold zero rows, and
@@ -316,11 +323,12 @@ def _tiled_expert_ffn(x, order, rank, group_sizes, top_k, w_gate, w_up, w_down):
   token_of_slot = jnp.where(assignment_of_slot < t * top_k, assignment_of_slot // top_k, t)
   x_tiles = gather_rows(x, token_of_slot, slot_of_assignment.reshape(t, top_k))
   x_tiles = x_tiles.reshape(-1, tile, d)
-  tmm = lambda a, w: tile_matmul(a, w, layout.tile_group)
-  gate = weight_matmul("NBD,EDF->NBF", x_tiles, w_gate, dtype=x.dtype, product=tmm)
-  up = weight_matmul("NBD,EDF->NBF", x_tiles, w_up, dtype=x.dtype, product=tmm)
-  y_tiles = weight_matmul("NBF,EFD->NBD", jax.nn.silu(gate) * up, w_down, dtype=x.dtype,
-                          product=tmm)
+  # FP8 Wgrad chunks: 128 // tile tiles (the tile divides 128), restarting at each expert.
+  kw = dict(dtype=x.dtype, product=tile_matmul, product_args=(layout.tile_group,), fmt=fmt,
+            chunk_starts=chunk_starts(layout.tile_group, FP8_BLOCK // tile) if fmt.fp8 else None)
+  gate = weight_matmul("NBD,EDF->NBF", x_tiles, w_gate, **kw)
+  up = weight_matmul("NBD,EDF->NBF", x_tiles, w_up, **kw)
+  y_tiles = weight_matmul("NBF,EFD->NBD", jax.nn.silu(gate) * up, w_down, **kw)
   out = gather_rows(y_tiles.reshape(n_slots, d), slot_of_assignment, assignment_of_slot[:, None])
   return out.reshape(t, top_k, d)
 
@@ -338,7 +346,7 @@ def moe_dense_oracle(x, routing: Routing, w_gate, w_up, w_down, keep=None):
 
 def _shard_experts(x, ids, values, params, shard_args, ctx, *, routing: RoutingSpec,
                    n_experts: int, capacity_factor: Optional[float], impl: str,
-                   placement: ExpertPlacement):
+                   placement: ExpertPlacement, fmt: MatmulFormat = BF16):
   """The expert-parallel ``local_fn``: one shard's experts on the rows it received.
 
   ids [R, K] local expert ids (El = not on this shard), values = (weights, [priority]).
@@ -367,7 +375,7 @@ def _shard_experts(x, ids, values, params, shard_args, ctx, *, routing: RoutingS
     most = math.ceil(capacity_factor * ctx.n_shards * ctx.n_tokens * routing.top_k
                      / routing.n_groups)
     max_slots = min(max_slots, max(most, 1) * groups_here)
-  y, overflow = expert_ffn(x, ids, weights, *params, impl=impl, max_rows=max_slots)
+  y, overflow = expert_ffn(x, ids, weights, *params, impl=impl, max_rows=max_slots, fmt=fmt)
   return y, {"dropped": dropped, "overflow": overflow}
 
 
@@ -384,8 +392,10 @@ class MoE(nnx.Module):
 
   def __init__(self, d_model: int, experts: ExpertSpec, *, routing: RoutingSpec,
                balance: BalanceSpec = BalanceSpec(), dispatch: DispatchSpec = DispatchSpec(),
-               init_std: float, dtype: str, param_dtype: str, rngs: nnx.Rngs):
-    """Raises ValueError for an unknown dispatch mode, grouped matmul or exchange."""
+               init_std: float, dtype: str, param_dtype: str, rngs: nnx.Rngs,
+               matmul_format: MatmulFormat = BF16):
+    """Raises ValueError for an unknown dispatch mode, grouped matmul or exchange.
+    ``matmul_format`` applies to the routed and shared experts; the router stays float32."""
     kw = dict(std=init_std, param_dtype=param_dtype)
     e, d, f = experts.n_routed, d_model, experts.ffn_dim
     self.gate = normal_param(rngs, (d, e), ("embed", "expert"), **kw)
@@ -394,7 +404,9 @@ class MoE(nnx.Module):
     self.w_up = normal_param(rngs, (e, d, f), ("expert", "embed", "expert_mlp"), **kw)
     self.w_down = normal_param(rngs, (e, f, d), ("expert", "expert_mlp", "embed"), **kw)
     self.shared = (SwiGLU(d, experts.n_shared * f, init_std=init_std, dtype=dtype,
-                          param_dtype=param_dtype, rngs=rngs) if experts.n_shared else None)
+                          param_dtype=param_dtype, rngs=rngs, matmul_format=matmul_format)
+                   if experts.n_shared else None)
+    self.matmul_format = matmul_format
     self.routing = routing
     self.balance = balance
     self.dispatch = dispatch.resolved()
@@ -444,7 +456,7 @@ class MoE(nnx.Module):
             "capacity_factor=None (dropless)")
       local = functools.partial(_shard_experts, routing=spec, n_experts=n_experts,
                                 capacity_factor=capacity_factor, impl=dispatch.grouped_matmul,
-                                placement=placement)
+                                placement=placement, fmt=self.matmul_format)
       capacity_args = capacity_factor is not None
       y, counters = expert_parallel.expert_parallel(
           local, tokens, routing.experts,
@@ -466,7 +478,8 @@ class MoE(nnx.Module):
         keep = capacity_keep(device, priority.reshape(-1), n_devices, capacity)
         dropped = jnp.where(keep, 0.0, flat_mask).sum()
         experts = jnp.where(keep.reshape(b * t, top_k), experts, n_experts)
-      y, overflow = expert_ffn(tokens, experts, routing.weights, *w, impl=dispatch.grouped_matmul)
+      y, overflow = expert_ffn(tokens, experts, routing.weights, *w, impl=dispatch.grouped_matmul,
+                               fmt=self.matmul_format)
     if self.shared is not None:
       y = y + self.shared(tokens[None])[0]
 

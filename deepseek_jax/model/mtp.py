@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepseek_jax.model.layers import RMSNorm, normal_param
-from deepseek_jax.ops.matmul import weight_matmul
+from deepseek_jax.ops.matmul import BF16, MatmulFormat, weight_matmul
 
 
 def shift_left(x: jax.Array, k: int, fill=0) -> jax.Array:
@@ -57,7 +57,7 @@ class MTPModule(nnx.Module):
   """One prediction depth: two norms, the 2D -> D projection, a block, and its output norm."""
 
   def __init__(self, block: nnx.Module, d_model: int, *, eps: float, init_std: float,
-               dtype: str, param_dtype: str, rngs: nnx.Rngs):
+               dtype: str, param_dtype: str, rngs: nnx.Rngs, matmul_format: MatmulFormat = BF16):
     self.enorm = RMSNorm(d_model, eps=eps, param_dtype=param_dtype)
     self.hnorm = RMSNorm(d_model, eps=eps, param_dtype=param_dtype)
     self.eh_proj = normal_param(rngs, (2 * d_model, d_model), ("mlp", "embed"), std=init_std,
@@ -65,10 +65,12 @@ class MTPModule(nnx.Module):
     self.block = block
     self.norm = RMSNorm(d_model, eps=eps, param_dtype=param_dtype)
     self.dtype = dtype
+    self.matmul_format = matmul_format  # the projection's; its norms stay float32
 
   def __call__(self, h_prev, token_embedding, positions, *, segment_ids=None, mask=None):
     """Returns (RMSNorm_k(h^k) [B,T,D]: for the head and the next depth, MoE stats)."""
     joined = jnp.concatenate([self.enorm(token_embedding), self.hnorm(h_prev)], axis=-1)
-    x = weight_matmul("BTE,ED->BTD", joined, self.eh_proj, dtype=self.dtype)
+    x = weight_matmul("BTE,ED->BTD", joined, self.eh_proj, dtype=self.dtype,
+                      fmt=self.matmul_format)
     h, _, stats = self.block(x, positions, segment_ids=segment_ids, mask=mask)
     return self.norm(h), stats

@@ -30,7 +30,7 @@ from deepseek_jax.model.moe import (BalanceSpec, DispatchSpec, ExpertSpec, MoE, 
                                     RoutingSpec, update_router_bias)
 from deepseek_jax.model.mtp import MTPModule, mtp_targets
 from deepseek_jax.model.rope import rotary_from_config
-from deepseek_jax.ops.matmul import weight_matmul
+from deepseek_jax.ops.matmul import MatmulFormat, weight_matmul
 
 
 class Block(nnx.Module):
@@ -88,7 +88,8 @@ def make_block(cfg: ModelConfig, moe: bool, rngs: nnx.Rngs,
   """One block of ``cfg`` (MLA or MHA/GQA attention; MoE or dense FFN) run per ``execution``
   (default: resolved for one device of the default backend)."""
   execution = execution or resolve_execution(cfg)
-  common = dict(init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+  common = dict(init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
+                matmul_format=matmul_format(cfg))
   attn_kw = dict(rotary=rotary_from_config(cfg), eps=cfg.rms_norm_eps,
                  attention_impl=execution.attention, **common)
   if cfg.attention_kind == "mla":
@@ -102,6 +103,11 @@ def make_block(cfg: ModelConfig, moe: bool, rngs: nnx.Rngs,
   else:
     ffn = SwiGLU(cfg.d_model, cfg.dense_ffn_dim, **common)
   return Block(attention, ffn, cfg.d_model, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
+
+
+def matmul_format(cfg: ModelConfig) -> MatmulFormat:
+  """The weight matmuls' number format of ``cfg`` (``matmul_format``, ``fp8_cache_inputs``)."""
+  return MatmulFormat(cfg.matmul_format, cfg.fp8_cache_inputs)
 
 
 def stack_blocks(cfg: ModelConfig, n: int, moe: bool, rngs: nnx.Rngs,
@@ -222,7 +228,7 @@ class DeepSeekModel(nnx.Module):
                                  std=cfg.init_std, param_dtype=cfg.param_dtype))
     self.mtp = nnx.List([
         MTPModule(make_block(cfg, cfg.n_moe_layers > 0, rngs, execution), cfg.d_model,
-                  eps=cfg.rms_norm_eps,
+                  eps=cfg.rms_norm_eps, matmul_format=matmul_format(cfg),
                   **common) for _ in range(cfg.n_mtp_modules)])
 
   def head(self, h: jax.Array) -> jax.Array:

@@ -4,9 +4,12 @@ Every weight matmul of the model goes through ``weight_matmul``: attention proje
 (W_DQ, W_UQ, W_DKV+W_KR, W_UK, W_UV, W_O, and the MHA/GQA baselines' W_K, W_V), the dense and
 shared-expert SwiGLU, the router, the routed experts (through the grouped matmul), the MTP
 projection and the output head. It casts both operands to the compute dtype and runs the
-product. A number format plugs in here, not at twenty call sites: ``fmt`` selects V3's FP8
-(1x128 activation tiles and 128x128 weight blocks, ``deepseek_jax/quant/fp8.py``) or the
-per-tensor FP8 baseline for the einsum path (the model does not pass it yet).
+product. A number format plugs in here, not at twenty call sites: ``fmt`` (a ``MatmulFormat``,
+from ``ModelConfig.matmul_format``) selects V3's FP8 (1x128 activation tiles and 128x128
+weight blocks, ``deepseek_jax/quant/fp8.py``) or the per-tensor FP8 baseline, for the einsum
+path and the grouped expert product alike. The layers pass their format for every weight
+matmul V3 runs in FP8 and leave out those it keeps in BF16/FP32: the embedding, the output
+head, the MoE router and MLA's absorbed per-head products.
 
 Axis letters follow the caller's legend; ``eqn`` is an einsum equation with the activation
 first and the weight second, e.g. ``"BTD,DF->BTF"``.
@@ -14,12 +17,13 @@ first and the weight second, e.g. ``"BTD,DF->BTF"``.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import dataclasses
+from typing import Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax.quant.fp8 import fp8_einsum
+from deepseek_jax.quant.fp8 import fp8_einsum, fp8_product
 
 Product = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -27,8 +31,46 @@ Product = Callable[[jax.Array, jax.Array], jax.Array]
 MATMUL_FORMATS = ("bf16", "fp8_blockwise", "fp8_tensorwise")
 
 
+@dataclasses.dataclass(frozen=True)
+class MatmulFormat:
+  """The number format of the model's weight matmuls (hashable; a static layer field).
+
+  name: "bf16" (both operands in the compute ``dtype``, no quantisation; BF16 in V3's recipe),
+    "fp8_blockwise" (V3 §3.3: E4M3 with 1x128 activation tiles and 128x128 weight blocks, all
+    three GEMMs, f32 accumulation) or "fp8_tensorwise" (E4M3 with one scale per operand: the
+    baseline of common FP8 frameworks).
+  cache_inputs: keep each FP8 matmul's input for the backward pass as E4M3 tiles + scales
+    instead of in ``dtype`` (V3 §3.3.4); FP8 formats only.
+  Raises ValueError for an unknown name or ``cache_inputs`` without FP8.
+  """
+
+  name: str = "bf16"
+  cache_inputs: bool = False
+
+  def __post_init__(self):
+    if self.name not in MATMUL_FORMATS:
+      raise ValueError(f"matmul format must be one of {MATMUL_FORMATS}, got {self.name!r}")
+    if self.cache_inputs and not self.fp8:
+      raise ValueError("cache_inputs (fp8_cache_inputs) needs an FP8 matmul format; set "
+                       "matmul_format to fp8_blockwise or fp8_tensorwise")
+
+  @property
+  def fp8(self) -> bool:
+    return self.name != "bf16"
+
+  @property
+  def scaling(self) -> str:
+    """"blockwise" | "tensorwise" (FP8 formats)."""
+    return self.name.split("_", 1)[1]
+
+
+BF16 = MatmulFormat()
+
+
 def weight_matmul(eqn: str, x: jax.Array, w, *, dtype, preferred_element_type=None,
-                  product: Optional[Product] = None, fmt: str = "bf16") -> jax.Array:
+                  product: Optional[Product] = None, fmt: Union[str, MatmulFormat] = BF16,
+                  chunk_starts: Optional[jax.Array] = None,
+                  product_args: tuple = ()) -> jax.Array:
   """``einsum(eqn, x, w)`` with both operands in ``dtype``.
 
   Args:
@@ -40,27 +82,32 @@ def weight_matmul(eqn: str, x: jax.Array, w, *, dtype, preferred_element_type=No
     preferred_element_type: accumulation / output dtype of the einsum (e.g. float32 for the
       logits); ignored with ``product``, which chooses its own.
     product: replaces the einsum for products that are not one (the grouped expert matmul,
-      tile-space expert matmuls); ``eqn`` then documents the contraction.
-    fmt: the number format of the product: "bf16" (the operands in ``dtype``), or
-      "fp8_blockwise" / "fp8_tensorwise": all three GEMMs in E4M3 (``quant.fp8``: V3's 1x128 /
-      128x128 scaling, or one scale per operand), f32 accumulation, the result in ``dtype``.
+      tile-space expert matmuls), called ``product(x, w, *product_args)``; ``eqn`` then
+      documents the contraction. Traced arrays it needs (group sizes, tile groups) go in
+      ``product_args``, not in a closure: the FP8 form is a custom VJP.
+    fmt: the number format (a ``MatmulFormat`` or its name): "bf16" (the operands in
+      ``dtype``), or "fp8_blockwise" / "fp8_tensorwise": all three GEMMs in E4M3
+      (``quant.fp8``: V3's 1x128 / 128x128 scaling, or one scale per operand), f32
+      accumulation, the result in ``dtype``. With ``product`` the FP8 form is
+      ``quant.fp8.fp8_product`` (weights [E, K, N] in blocks per expert).
+    chunk_starts: FP8 with ``product``: [rows] bool, where Wgrad's 128-row chunks begin
+      (``quant.fp8.chunk_starts``; default every 128 rows).
   Returns the product; with the einsum its dtype is ``preferred_element_type`` or ``dtype``.
-  Raises ValueError for an unknown ``fmt``, or FP8 with ``product`` (not built yet).
+  Raises ValueError for an unknown ``fmt``.
   """
+  fmt = MatmulFormat(fmt) if isinstance(fmt, str) else fmt
   x = x.astype(dtype)
   w = w[...].astype(dtype)  # an nnx.Param's value, or the array itself
-  if fmt != "bf16":
-    if fmt not in MATMUL_FORMATS:
-      raise ValueError(f"matmul format must be one of {MATMUL_FORMATS}, got {fmt!r}")
+  if fmt.fp8:
     if product is not None:
-      raise ValueError(f"{fmt} for a product= matmul ({eqn}: the grouped expert matmul) is not "
-                       "built yet; use bf16 for it")
-    return fp8_einsum(eqn, x, w, fmt.split("_", 1)[1])
-  return _product(eqn, x, w, preferred_element_type, product)
+      return fp8_product(product, x, w, fmt.scaling, chunk_starts, fmt.cache_inputs,
+                         product_args)
+    return fp8_einsum(eqn, x, w, fmt.scaling, fmt.cache_inputs)
+  return _product(eqn, x, w, preferred_element_type, product, product_args)
 
 
-def _product(eqn, x, w, preferred_element_type, product):
+def _product(eqn, x, w, preferred_element_type, product, product_args=()):
   """The contraction itself, on operands already in the compute dtype."""
   if product is not None:
-    return product(x, w)
+    return product(x, w, *product_args)
   return jnp.einsum(eqn, x, w, preferred_element_type=preferred_element_type)

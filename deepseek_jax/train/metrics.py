@@ -198,6 +198,21 @@ class MetricsLogger:
       print(self.console_line(record), flush=True)
     return record
 
+  def log_eval(self, step: int, result: dict) -> dict:
+    """A held-out evaluation at ``step`` (``result``: loss, perplexity, tokens) as its own
+    metrics.jsonl record ``{"step", "eval_loss", "eval_perplexity", "eval_tokens"}`` and
+    TensorBoard scalars. Returns the record."""
+    record = {"step": step, **{f"eval_{k}": v for k, v in result.items() if k != "step"}}
+    if self.main:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+      if self.writer is not None:
+        for key, value in record.items():
+          if key != "step":
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+    return record
+
   def console_line(self, r: dict) -> str:
     step, total = r["step"], self.total_steps
     width = 20

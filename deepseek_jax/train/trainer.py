@@ -397,7 +397,9 @@ def _train_locked(setup: Setup, workdir: str, requested: Optional[int],
               f"config.model.overrides.expert_buffer_factor, or leave it unset (worst case)")
       if c.train.eval_every and step % c.train.eval_every == 0:
         with logger.paused():
-          say(f"eval at step {step}: {_evaluate_state(setup, graphdef, state)}")
+          result = _evaluate_state(setup, graphdef, state)
+          logger.log_eval(step, result)
+          say(f"eval at step {step}: {result}")
       if due_save or stop:
         if not host.get("state_finite", 1.0):
           raise diverged_error(ckpt, step, "the updated parameters or optimizer moments are not "

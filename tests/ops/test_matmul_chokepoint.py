@@ -38,9 +38,9 @@ def test_every_weight_matrix_reaches_the_chokepoint(monkeypatch, overrides):
   seen = collections.Counter()
   product = matmul._product
 
-  def recording(eqn, x, w, preferred_element_type, custom):
+  def recording(eqn, x, w, *rest):
     seen[w.shape] += 1
-    return product(eqn, x, w, preferred_element_type, custom)
+    return product(eqn, x, w, *rest)
 
   monkeypatch.setattr(matmul, "_product", recording)
   model = abstract_model(cfg)
@@ -52,6 +52,39 @@ def test_every_weight_matrix_reaches_the_chokepoint(monkeypatch, overrides):
   assert want, "no weights found"
   missing = want - seen
   assert not missing, f"weights that bypass weight_matmul: {dict(missing)}"
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(q_lora_rank=None, tie_embeddings=True, n_mtp_modules=0),
+    dict(attention_kind="gqa", n_kv_heads=2, n_shared_experts=0),
+], ids=["v3-like", "tied-no-q-lora", "gqa"])
+def test_matmul_format_reaches_every_weight_but_those_v3_keeps_in_high_precision(
+    monkeypatch, overrides):
+  """matmul_format=fp8_blockwise: every projection, dense FFN, shared and routed expert (the
+  grouped product) and the MTP projection run in FP8; the embedding / tied head, the output
+  head and the MoE router do not (V3 §3.3.2)."""
+  # vocab 160: no weight shares the head's shape (the dense FFN is [64, 128])
+  cfg = ModelConfig.preset("tiny", matmul_format="fp8_blockwise", vocab_size=160, **overrides)
+  fp8_seen, plain_seen = collections.Counter(), collections.Counter()
+
+  def spy(fn, seen):
+    def recording(*args, **kwargs):
+      seen[args[2].shape] += 1  # (eqn or product, x, w, ...)
+      return fn(*args, **kwargs)
+    return recording
+
+  monkeypatch.setattr(matmul, "fp8_einsum", spy(matmul.fp8_einsum, fp8_seen))
+  monkeypatch.setattr(matmul, "fp8_product", spy(matmul.fp8_product, fp8_seen))
+  monkeypatch.setattr(matmul, "_product", spy(matmul._product, plain_seen))
+  model = abstract_model(cfg)
+  batch = {"inputs": jnp.zeros((2, 16), jnp.int32), "targets": jnp.zeros((2, 16), jnp.int32)}
+  graphdef, state = nnx.split(model)
+  jax.eval_shape(lambda s: loss_fn(nnx.merge(graphdef, s), batch), state)
+  d, v, e = cfg.d_model, cfg.vocab_size, cfg.n_routed_experts
+  kept = {(d, e), (v, d) if cfg.tie_embeddings else (d, v)}  # router, output head
+  assert set(plain_seen) == kept
+  assert set(fp8_seen) == set(_weight_shapes(model)) - kept
 
 
 def test_weight_matmul_casts_both_operands_to_the_compute_dtype():
@@ -91,8 +124,5 @@ def test_fp8_formats_are_the_quant_gemm_on_the_weights_matrix_form(eqn, x_shape,
   assert jnp.array_equal(got.reshape(m, -1), flat)
   with pytest.raises(ValueError, match="matmul format must be one of"):
     matmul.weight_matmul(eqn, x, w, dtype=jnp.float32, fmt="fp4")
-  with pytest.raises(ValueError, match="not built yet"):
-    matmul.weight_matmul(eqn, x, w, dtype=jnp.float32, fmt="fp8_blockwise",
-                         product=lambda a, b: a)
   with pytest.raises(ValueError, match="disjoint free axes"):
     fp8.fp8_einsum("NBD,EDF->NBF", jnp.ones((2, 3, 4)), jnp.ones((5, 4, 6)))

@@ -139,3 +139,94 @@ def test_it_jits_and_takes_gradients_through_a_loss():
   loss = jax.jit(jax.grad(lambda b: jnp.sum(fp8.fp8_matmul(x, b) ** 2)))
   exact = jax.grad(lambda b: jnp.sum((x @ b) ** 2))(w)
   assert fp8.relative_error(loss(w), exact) < 2e-3
+
+
+# --- the grouped (MoE) form, Wgrad's row chunks, FP8 input caching -------------------------
+
+
+def test_segment_amax_is_the_max_over_each_run_of_rows():
+  rng = np.random.default_rng(0)
+  amax = np.abs(rng.normal(size=(37, 5))).astype(np.float32)
+  starts = rng.random(37) < 0.2
+  got = np.asarray(fp8._segment_amax(jnp.asarray(amax), jnp.asarray(starts)))
+  run = np.cumsum(np.where(np.arange(37) == 0, True, starts))  # run id of each row
+  for r in np.unique(run):
+    np.testing.assert_array_equal(got[run == r], np.broadcast_to(amax[run == r].max(0),
+                                                                 got[run == r].shape))
+
+
+def test_chunk_starts_restart_at_each_group():
+  group = jnp.array([0] * 5 + [2] * 3 + [3] * 7)
+  starts = np.asarray(fp8.chunk_starts(group, 3))
+  assert np.flatnonzero(starts).tolist() == [0, 3, 5, 8, 11, 14]
+
+
+def _group_rows(sizes):
+  return np.repeat(np.arange(len(sizes)), sizes)
+
+
+@pytest.mark.parametrize("impl", ["tiled", "ragged_dot"])
+def test_grouped_fp8_is_fp8_matmul_of_each_experts_rows(impl):
+  """The grouped form with Wgrad chunks restarting at each expert (DeepGEMM's alignment)
+  equals, expert by expert, the dense FP8 linear layer on that expert's rows: forward, dx and
+  dW (the last to f32 summation order)."""
+  from deepseek_jax.ops.grouped_matmul import grouped_matmul
+  sizes = [130, 0, 77, 200]  # not multiples of 128; one expert gets nothing
+  m, k, n = sum(sizes), 200, 136
+  x, w, g = _normal(0, (m, k)), _normal(1, (4, k, n), 0.05), _normal(2, (m, n))
+  group_sizes = jnp.array(sizes, jnp.int32)
+  product = lambda a, b, s: grouped_matmul(a, b, s, impl=impl)
+  starts = fp8.chunk_starts(jnp.asarray(_group_rows(sizes)), fp8.BLOCK)
+  out, vjp = jax.vjp(lambda a, b: fp8.fp8_product(product, a, b, "blockwise", starts,
+                                                  product_args=(group_sizes,)), x, w)
+  dx, dw = vjp(g)
+  begin = 0
+  for e, size in enumerate(sizes):
+    rows = slice(begin, begin + size)
+    begin += size
+    if not size:
+      assert float(jnp.abs(dw[e]).max()) == 0.0
+      continue
+    ref, ref_vjp = jax.vjp(lambda a, b: fp8.fp8_matmul(a, b), x[rows], w[e])
+    ref_dx, ref_dw = ref_vjp(g[rows])
+    np.testing.assert_allclose(out[rows], ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx[rows], ref_dx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw[e], ref_dw, rtol=1e-4, atol=1e-4)
+  exact = grouped_matmul(x, w, group_sizes, impl=impl)
+  assert 0 < fp8.relative_error(out, exact) < 1e-3
+
+
+def test_grouped_fp8_tensorwise_and_cache_inputs():
+  from deepseek_jax.ops.grouped_matmul import grouped_matmul
+  sizes = [64, 100]
+  x, w, g = _normal(0, (164, 256)), _normal(1, (2, 256, 128), 0.05), _normal(2, (164, 128))
+  product = lambda a, b, s: grouped_matmul(a, b, s, impl="ragged_dot")
+  args = (jnp.array(sizes, jnp.int32),)
+  exact, exact_vjp = jax.vjp(lambda a, b: product(a, b, *args), x, w)
+  results = {}
+  for fmt, cache in (("blockwise", False), ("blockwise", True), ("tensorwise", False)):
+    out, vjp = jax.vjp(lambda a, b: fp8.fp8_product(product, a, b, fmt, cache_inputs=cache,
+                                                    product_args=args), x, w)
+    results[fmt, cache] = (out, *vjp(g))
+    for got, ref in zip(results[fmt, cache], (exact, *exact_vjp(g))):
+      assert fp8.relative_error(got, ref) < 2e-3, (fmt, cache)
+  (o1, dx1, dw1), (o2, dx2, dw2) = results["blockwise", False], results["blockwise", True]
+  assert jnp.array_equal(o1, o2) and jnp.array_equal(dx1, dx2)  # caching changes Wgrad only
+  assert not jnp.array_equal(dw1, dw2) and fp8.relative_error(dw1, dw2) < 1e-3
+
+
+def test_cached_inputs_in_the_dense_layer_change_only_wgrad():
+  x, w, g = _normal(0, (96, 300)), _normal(1, (300, 136), 0.05), _normal(2, (96, 136))
+  runs = []
+  for cache in (False, True):
+    out, vjp = jax.vjp(lambda a, b: fp8.fp8_matmul(a, b, "blockwise", cache), x, w)
+    runs.append((out, *vjp(g)))
+  (o1, dx1, dw1), (o2, dx2, dw2) = runs
+  assert jnp.array_equal(o1, o2) and jnp.array_equal(dx1, dx2)
+  assert not jnp.array_equal(dw1, dw2) and fp8.relative_error(dw1, dw2) < 1e-3
+  # What is saved for the backward pass: E4M3 tiles + one f32 scale per 128, not f32 inputs.
+  for cache in (False, True):
+    saved = jax.linearize(lambda a: fp8.fp8_matmul(a, w, "blockwise", cache), x)[1]
+    kept = {(leaf.dtype, leaf.shape) for leaf in jax.tree.leaves(saved)}
+    assert ((jnp.dtype(jnp.float8_e4m3fn), (96, 384)) in kept) == cache
+    assert ((jnp.dtype(jnp.float32), (96, 300)) in kept) == (not cache)
