@@ -2,6 +2,7 @@
 
     model = load_hf_checkpoint("/ckpt/DeepSeek-V2-Lite")                  # one device
     model = load_hf_checkpoint("/ckpt/DeepSeek-V3", mesh=mesh, rules="fsdp")  # sharded, any size
+    model = load_hf_checkpoint("/ckpt/DeepSeek-R1", mesh=mesh, keep_fp8=True)  # FP8 inference
     save_hf_checkpoint(model, "/out/my-model")                            # back to HF format
 
 Name map, per decoder layer i (HF ``model.layers.{i}.``; ours ``dense_layers[i]`` for
@@ -36,8 +37,14 @@ tensors in row chunks (``_COPY_CHECK_BYTES``), so the host never holds a second 
 
 FP8 checkpoints (V3/R1: float8_e4m3fn weights with a ``weight_scale_inv`` per 128x128 block)
 are dequantised on load, w = q * s block-wise in float32, then cast to ``param_dtype`` (bf16 for
-released FP8 checkpoints, as DeepSeek's own fp8_cast_bf16 does). FP8 is not kept: there is no
-FP8 execution path to keep it for yet. ``quantization_config.scale_fmt: "ue8m0"`` (later
+released FP8 checkpoints, as DeepSeek's own fp8_cast_bf16 does). ``keep_fp8=True`` keeps them
+instead, for inference: each FP8 weight becomes a ``quant.fp8.Fp8Weight`` (its E4M3 values and
+block scales, transposed and reshaped to our layout: about half the bytes of BF16) wherever
+the blocks survive the name map. A transpose, with per-head axes split out of the rows or the
+columns, keeps every block; ``kv_b_proj``'s split into per-head W_UK / W_UV keeps them only
+when qk_nope_head_dim and v_head_dim are multiples of the block's rows (V3: 128 / 128, yes);
+other FP8 weights are dequantised as usual. One line reports what stayed FP8, what was
+dequantised and why, and the bytes. ``quantization_config.scale_fmt: "ue8m0"`` (later
 DeepSeek releases) makes every scale a power of two, 2^e, stored as float32 or as safetensors
 ``F8_E8M0`` (one exponent byte): w = q * 2^e is then exact in float32. With ue8m0 a float32
 scale that is not a power of two is refused naming the tensor, as is the E8M0 NaN byte 0xFF in
@@ -73,6 +80,7 @@ from deepseek_jax.model.execution import Execution, resolve_execution
 from deepseek_jax.model.transformer import DeepSeekModel, abstract_model
 from deepseek_jax.interop import require_new_directory
 from deepseek_jax.parallel.partitioning import placement
+from deepseek_jax.quant.fp8 import Fp8Weight, fp8_weight_bytes
 
 EXPERT_LAYOUTS = ("hub", "fused")
 _FP8 = (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
@@ -82,25 +90,33 @@ _COPY_CHECK_BYTES = 16 * 2**20  # float64 bytes per side compared at a time
 
 
 class Codec(NamedTuple):
-  """HF tensor <-> our piece(s). ``decode`` returns numpy views (nothing copied)."""
+  """HF tensor <-> our piece(s). ``decode`` returns numpy views (nothing copied).
+
+  ``blocks`` (FP8 kept, ``load_hf_checkpoint(keep_fp8=True)``): the HF block scales [out/bo,
+  in/bi] and the block (bo, bi) -> per piece (its scales over the piece's 2-D [in, out] view,
+  the piece's number of trailing output axes), or a string saying why the blocks do not
+  survive ``decode``; None: never kept."""
 
   decode: Callable[[np.ndarray], tuple]
   encode: Callable[..., np.ndarray]
+  blocks: Optional[Callable[[np.ndarray, tuple], object]] = None
 
 
 _IDENTITY = Codec(lambda x: (x,), lambda w: w)
-_TRANSPOSE = Codec(lambda x: (x.T,), lambda w: w.T)
+_TRANSPOSE = Codec(lambda x: (x.T,), lambda w: w.T, lambda s, block: ((s.T, 1),))
 _EXPERTS_T = Codec(lambda x: (x.transpose(0, 2, 1),), lambda w: w.transpose(0, 2, 1))
 
 
 def _heads_out(n: int, h: int) -> Codec:
   """[N*H, In] <-> [In, N, H]: an output projection split into heads."""
-  return Codec(lambda x: (x.T.reshape(x.shape[1], n, h),), lambda w: w.reshape(w.shape[0], n * h).T)
+  return Codec(lambda x: (x.T.reshape(x.shape[1], n, h),), lambda w: w.reshape(w.shape[0], n * h).T,
+               lambda s, block: ((s.T, 2),))
 
 
 def _heads_in(n: int, v: int) -> Codec:
   """o_proj [D, N*V] <-> [N, V, D]."""
-  return Codec(lambda x: (x.T.reshape(n, v, x.shape[0]),), lambda w: w.reshape(n * v, w.shape[-1]).T)
+  return Codec(lambda x: (x.T.reshape(n, v, x.shape[0]),), lambda w: w.reshape(n * v, w.shape[-1]).T,
+               lambda s, block: ((s.T, 1),))
 
 
 def _kv_b(n: int, h: int, v: int) -> Codec:
@@ -114,7 +130,16 @@ def _kv_b(n: int, h: int, v: int) -> Codec:
     y = np.concatenate([uk.transpose(1, 2, 0), uv.transpose(1, 2, 0)], axis=1)
     return y.reshape(n * (h + v), y.shape[-1])
 
-  return Codec(decode, encode)
+  def blocks(s, block):
+    rows = block[0]  # each head's H key rows then V value rows: whole blocks, or cut ones
+    if h % rows or v % rows:
+      return (f"kv_b_proj splits per head at qk_nope_head_dim={h} / v_head_dim={v} rows, not "
+              f"multiples of the {rows}-row FP8 block")
+    y = s.reshape(n, (h + v) // rows, s.shape[-1])
+    return ((y[:, :h // rows].reshape(-1, s.shape[-1]).T, 2),
+            (y[:, h // rows:].reshape(-1, s.shape[-1]).T, 2))
+
+  return Codec(decode, encode, blocks)
 
 
 def _gate_up(f: int) -> Codec:
@@ -378,9 +403,10 @@ def _copy_fix(name: str, source: str) -> str:
           f"{source}'s values there, or load with load_mtp=False")
 
 
-def _leaf_callback(reader, pieces: dict, shape, dtype, quant: Quantization):
+def _leaf_callback(pieces: dict, shape, dtype, read: Callable[[Entry, int], np.ndarray]):
   """make_array_from_callback's data callback for one leaf: assemble the shard at ``index``
-  from the pieces (one HF tensor part each) covering its leading (layer/expert) axes."""
+  from the pieces (one HF tensor part each, ``read(entry, part)``) covering its leading
+  (layer/expert) axes."""
   depth = len(next(iter(pieces)))
 
   def callback(index):
@@ -389,8 +415,7 @@ def _leaf_callback(reader, pieces: dict, shape, dtype, quant: Quantization):
     out = np.empty([len(r) for r in ranges], dtype)
     for local, lead in zip(itertools.product(*[range(len(r)) for r in ranges[:depth]]),
                            itertools.product(*ranges[:depth])):
-      entry, part = pieces[lead]
-      piece = entry.codec.decode(_read(reader, entry.name, quant))[part]
+      piece = read(*pieces[lead])
       out[local] = piece[index[depth:]]
     return out
 
@@ -415,8 +440,52 @@ def _leaf_pieces(entries: list[Entry], state) -> dict:
   return pieces
 
 
+def _fp8_plan(reader: CheckpointReader, pieces: dict, block) -> tuple[dict, dict]:
+  """For the leaves holding FP8 tensors: (leaf path -> n_out for those kept as Fp8Weight,
+  leaf path -> why for those dequantised). A leaf is kept when every piece is float8_e4m3fn
+  and its codec keeps the blocks."""
+  kept, dequantised = {}, {}
+  for path, leads in pieces.items():
+    stored = {reader.tensors[entry.name].dtype for entry, _ in leads.values()}
+    if not stored & set(_FP8):
+      continue
+    entry, part = next(iter(leads.values()))
+    if stored != {_FP8[0]}:
+      dequantised[path] = f"its tensors are {sorted(str(d) for d in stored)}, not all float8_e4m3fn"
+    elif entry.codec.blocks is None:
+      dequantised[path] = "its layout here does not keep the checkpoint's blocks"
+    else:
+      split = entry.codec.blocks(np.empty(_scale_shape(entry.shape, block), np.float32), block)
+      if isinstance(split, str):
+        dequantised[path] = split
+      else:
+        kept[path] = split[part][1]
+  return kept, dequantised
+
+
+def _fp8_summary(kept: dict, dequantised: dict, state, dtype) -> str:
+  """One line: which leaves stayed FP8 and their bytes against BF16, which were dequantised
+  to ``dtype`` and why."""
+  name = lambda path: ".".join(str(p) for p in path)
+  mib = lambda n: f"{n / 2**20:.3f} MiB"
+  stats = fp8_weight_bytes(state)
+  held = stats["fp8_bytes"] + stats["scale_bytes"]
+  line = (f"keep_fp8: {len(kept)} weight(s) kept in FP8 ({', '.join(map(name, kept)) or 'none'}): "
+          f"{mib(held)} (E4M3 {mib(stats['fp8_bytes'])} + scales {mib(stats['scale_bytes'])}) "
+          f"vs {mib(stats['bf16_bytes'])} in bfloat16")
+  if stats["bf16_bytes"]:
+    line += f" ({held / stats['bf16_bytes']:.3f}x)"
+  reasons: dict = {}
+  for path, why in dequantised.items():
+    reasons.setdefault(why, []).append(name(path))
+  for why, paths in reasons.items():
+    line += f"; dequantised to {dtype}: {', '.join(paths)} ({why})"
+  return line
+
+
 def load_hf_checkpoint(directory: str, *, mesh: Optional[Mesh] = None, rules: str = "fsdp",
                        load_mtp: Optional[bool] = None, execution: Optional[Execution] = None,
+                       keep_fp8: bool = False, report: Callable[[str], None] = print,
                        **overrides) -> DeepSeekModel:
   """An HF-format DeepSeek directory (config.json + safetensors) as a ``DeepSeekModel``.
 
@@ -428,6 +497,13 @@ def load_hf_checkpoint(directory: str, *, mesh: Optional[Mesh] = None, rules: st
   ``execution`` (default ``resolve_execution(cfg, mesh, expert_parallel=False)``: kernels and
   MoE dispatch for running the loaded model on ``mesh`` under XLA's partitioning) may be any
   other, e.g. expert-parallel for a step traced under ``jax.set_mesh(mesh)``.
+  ``keep_fp8`` (inference): FP8 weights whose blocks survive the name map become
+  ``quant.fp8.Fp8Weight`` values of their Params (E4M3 values sharded like the weight, float32
+  block scales replicated; value dtype ``param_dtype``), run by ``ops.matmul.weight_matmul``
+  (dequantised under ``matmul_format="bf16"``, the block-scaled GEMM under "fp8_blockwise");
+  the rest load as without it, and ``report`` gets one line saying which weights stayed FP8,
+  the bytes against BF16, and which were dequantised and why. Not for training: an Fp8Weight
+  has no FP8 gradient.
   Raises CheckpointError (files, names, shapes, copies, FP8 scales) or UnsupportedConfig
   (config.json), each naming the tensor or field.
   """
@@ -450,14 +526,46 @@ def load_hf_checkpoint(directory: str, *, mesh: Optional[Mesh] = None, rules: st
   pieces = _leaf_pieces(entries, abstract)
   sharding_of = dict(nnx.to_flat_state(placement(abstract, mesh, rules)))
 
+  kept, dequantised = _fp8_plan(reader, pieces, quant.block) if keep_fp8 else ({}, {})
+  dequantise = lambda entry, part: entry.codec.decode(_read(reader, entry.name, quant))[part]
+
   def build(path, variable):
+    if path in kept:
+      return variable.replace(_fp8_leaf(reader, pieces[path], variable,
+                                        sharding_of[path].get_value(), mesh, quant, kept[path],
+                                        cfg.param_dtype))
     dtype = np.dtype(variable.dtype)
-    callback = _leaf_callback(reader, pieces[path], variable.shape, dtype, quant)
+    callback = _leaf_callback(pieces[path], variable.shape, dtype, dequantise)
     return variable.replace(jax.make_array_from_callback(
         variable.shape, sharding_of[path].get_value(), callback, dtype=dtype))
 
   flat = [(path, build(path, variable)) for path, variable in nnx.to_flat_state(abstract)]
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+  state = nnx.from_flat_state(flat)
+  if keep_fp8:
+    report(_fp8_summary(kept, dequantised, state, cfg.param_dtype))
+  return nnx.merge(graphdef, state)
+
+
+def _fp8_leaf(reader, pieces: dict, variable, sharding, mesh, quant: Quantization, n_out: int,
+              dtype) -> Fp8Weight:
+  """One leaf as an Fp8Weight: its E4M3 values assembled like a dequantised leaf (sharded as
+  the weight), its block scales (checked as on any load) replicated."""
+  depth = len(next(iter(pieces)))
+  entry, part = next(iter(pieces.values()))
+  hf_scales = np.empty(_scale_shape(entry.shape, quant.block), np.float32)
+  scale_shape = variable.shape[:depth] + entry.codec.blocks(hf_scales, quant.block)[part][0].shape
+  values = lambda e, p: e.codec.decode(reader.get(e.name))[p]
+  scales = lambda e, p: e.codec.blocks(_scales(reader, e.name + "_scale_inv", quant),
+                                       quant.block)[p][0]
+  q = jax.make_array_from_callback(variable.shape, sharding,
+                                   _leaf_callback(pieces, variable.shape, _FP8[0], values),
+                                   dtype=_FP8[0])
+  replicated = (sharding if mesh is None else
+                jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  scale = jax.make_array_from_callback(scale_shape, replicated,
+                                       _leaf_callback(pieces, scale_shape, np.float32, scales),
+                                       dtype=np.float32)
+  return Fp8Weight(q, scale, n_out, block=quant.block[::-1], dtype=dtype)
 
 
 # --- saving ----------------------------------------------------------------------------------------

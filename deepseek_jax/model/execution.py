@@ -19,6 +19,7 @@ import dataclasses
 from typing import Optional
 
 from flax import nnx
+import jax
 from jax.sharding import Mesh
 
 from deepseek_jax.config import ModelConfig
@@ -26,9 +27,10 @@ from deepseek_jax.model.attention import GroupedQueryAttention, check_kernel_cho
 from deepseek_jax.model.mla import MultiHeadLatentAttention
 from deepseek_jax.model.moe import MoE
 from deepseek_jax.ops.grouped_matmul import resolve_impl
+from deepseek_jax.ops.matmul import MatmulFormat
 from deepseek_jax.parallel.expert_parallel import ExpertPlacement, resolve_exchange
-from deepseek_jax.quant.fp8 import BLOCK as FP8_BLOCK
-from pallas_kernels.platform import target_platform
+from deepseek_jax.quant.fp8 import BLOCK as FP8_BLOCK, fp8_execution
+from pallas_kernels.platform import target_platform, warn_fallback
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +45,10 @@ class Execution:
   expert_exchange: "ragged" | "padded" (expert-parallel all-to-all).
   expert_placement: expert -> weight-slot table, which fixes each expert's shard (None =
     identity); set it with ``dataclasses.replace(execution, expert_placement=...)``.
+  matmul: the weight matmuls' number format and, for FP8, how the platform runs it
+    (``quant.fp8.fp8_execution``); for the log only.
+  fp8_kernel: "xla" | "mosaic_gpu": what runs the dense layers' blockwise FP8 Fprop / Dgrad
+    GEMMs (``ops.matmul.MatmulFormat.kernel``): the Hopper kernel on one Hopper GPU.
   """
 
   platform: str
@@ -52,6 +58,8 @@ class Execution:
   grouped_matmul: str
   expert_exchange: str
   expert_placement: Optional[ExpertPlacement] = None
+  matmul: str = "bf16"
+  fp8_kernel: str = "xla"
 
   def summary(self) -> str:
     """One line for the start-up log."""
@@ -59,7 +67,7 @@ class Execution:
     if moe == "expert_parallel":
       moe += f" ({self.expert_exchange} exchange)"
     return (f"{self.platform}: attention {self.attention}, decode {self.decode_attention}, "
-            f"MoE {moe}, grouped matmul {self.grouped_matmul}")
+            f"MoE {moe}, grouped matmul {self.grouped_matmul}, matmuls {self.matmul}")
 
 
 def _platform(mesh: Optional[Mesh]) -> str:
@@ -106,10 +114,23 @@ def resolve_execution(cfg: ModelConfig, mesh: Optional[Mesh] = None, *,
   grouped = resolve_impl(cfg.grouped_matmul, platform=platform,
                          partitioned=multi_device and not ep)
   exchange = resolve_exchange(cfg.expert_exchange, platform)
+  matmul, fp8_kernel = cfg.matmul_format, "xla"
+  if cfg.matmul_format != "bf16":
+    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    matmul += f" ({fp8_execution(platform, device.device_kind)})"
+    if cfg.matmul_format == "fp8_blockwise" and platform == "gpu":
+      hopper = str(getattr(device, "compute_capability", "")).startswith("9")
+      if hopper and not multi_device:
+        fp8_kernel = "mosaic_gpu"
+        matmul = f"{cfg.matmul_format} (Mosaic GPU block-scaled kernel for Fprop/Dgrad)"
+      else:
+        warn_fallback("FP8 GEMM", "the Mosaic GPU kernel needs one Hopper GPU (sm_90a) and no "
+                      "XLA-partitioned mesh" if hopper else f"{device.device_kind} is not Hopper")
   return Execution(platform=platform, attention="pallas" if kernels else "xla",
                    decode_attention="pallas" if kernels and not multi_device else "xla",
                    moe_dispatch="expert_parallel" if ep and cfg.n_moe_layers else "local",
-                   grouped_matmul=grouped, expert_exchange=exchange)
+                   grouped_matmul=grouped, expert_exchange=exchange, matmul=matmul,
+                   fp8_kernel=fp8_kernel)
 
 
 def set_execution(model: nnx.Module, execution: Execution) -> nnx.Module:
@@ -120,6 +141,9 @@ def set_execution(model: nnx.Module, execution: Execution) -> nnx.Module:
   Raises ValueError for an unknown kernel choice, dispatch mode, grouped matmul or exchange.
   """
   for _, node in nnx.iter_graph(model):
+    fmt = getattr(node, "matmul_format", None)
+    if isinstance(fmt, MatmulFormat) and fmt.kernel != execution.fp8_kernel:
+      node.matmul_format = dataclasses.replace(fmt, kernel=execution.fp8_kernel)
     if isinstance(node, (MultiHeadLatentAttention, GroupedQueryAttention)):
       node.attention_impl = check_kernel_choice("attention", execution.attention)
       if isinstance(node, MultiHeadLatentAttention):

@@ -296,15 +296,17 @@ def expert_ffn(x, experts, weights, w_gate, w_up, w_down, *, impl="auto", max_ro
   return y.astype(x.dtype), overflow
 
 
-def _same_varying_axes(*arrays):
-  """Inside shard_map, mark every array as varying over the union of the mesh axes any of them
-  varies over (tokens vary over the batch axes, weights over expert / tensor), so the
-  custom-VJP gradients type-check; autodiff then sums each gradient over the axes its array
-  was replicated on. Outside shard_map this is the identity."""
+def _same_varying_axes(*values):
+  """Inside shard_map, mark every array (of ``values``, arrays or pytrees such as an FP8 weight
+  with its scales) as varying over the union of the mesh axes any of them varies over (tokens
+  vary over the batch axes, weights over expert / tensor), so the custom-VJP gradients
+  type-check; autodiff then sums each gradient over the axes its array was replicated on.
+  Outside shard_map this is the identity."""
+  arrays, tree = jax.tree.flatten(list(values))
   varying = [getattr(jax.typeof(a).manual_axis_type, "varying", frozenset()) for a in arrays]
   union = frozenset().union(*varying)
-  return [jax.lax.pcast(a, tuple(sorted(union - v)), to="varying") if union - v else a
-          for a, v in zip(arrays, varying)]
+  return jax.tree.unflatten(tree, [jax.lax.pcast(a, tuple(sorted(union - v)), to="varying")
+                                   if union - v else a for a, v in zip(arrays, varying)])
 
 
 def _tiled_expert_ffn(x, order, rank, group_sizes, top_k, w_gate, w_up, w_down, fmt=BF16):
@@ -435,7 +437,8 @@ class MoE(nnx.Module):
     capacity_factor = dispatch.capacity_factor if drop_tokens else None
     affinity = jnp.take_along_axis(routing.scores, routing.experts, -1)
     priority = jnp.where(mask.reshape(-1, 1) > 0, affinity, -1.0)  # padding yields slots first
-    w = [getattr(self, n)[...] for n in ("w_gate", "w_up", "w_down")]  # cast at the matmul
+    # Cast at the matmul; get_value keeps a released checkpoint's FP8 blocks (quant.fp8.Fp8Weight).
+    w = [getattr(self, n).get_value() for n in ("w_gate", "w_up", "w_down")]
 
     counters = {}
     if dispatch.mode == "expert_parallel":

@@ -89,7 +89,7 @@ def make_block(cfg: ModelConfig, moe: bool, rngs: nnx.Rngs,
   (default: resolved for one device of the default backend)."""
   execution = execution or resolve_execution(cfg)
   common = dict(init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
-                matmul_format=matmul_format(cfg))
+                matmul_format=matmul_format(cfg, execution))
   attn_kw = dict(rotary=rotary_from_config(cfg), eps=cfg.rms_norm_eps,
                  attention_impl=execution.attention, **common)
   if cfg.attention_kind == "mla":
@@ -105,9 +105,11 @@ def make_block(cfg: ModelConfig, moe: bool, rngs: nnx.Rngs,
   return Block(attention, ffn, cfg.d_model, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
 
 
-def matmul_format(cfg: ModelConfig) -> MatmulFormat:
-  """The weight matmuls' number format of ``cfg`` (``matmul_format``, ``fp8_cache_inputs``)."""
-  return MatmulFormat(cfg.matmul_format, cfg.fp8_cache_inputs)
+def matmul_format(cfg: ModelConfig, execution: Optional[Execution] = None) -> MatmulFormat:
+  """The weight matmuls' number format of ``cfg`` (``matmul_format``, ``fp8_cache_inputs``)
+  with the FP8 GEMM kernel ``execution`` chose (default: XLA)."""
+  kernel = execution.fp8_kernel if execution is not None else "xla"
+  return MatmulFormat(cfg.matmul_format, cfg.fp8_cache_inputs, kernel)
 
 
 def stack_blocks(cfg: ModelConfig, n: int, moe: bool, rngs: nnx.Rngs,
@@ -228,7 +230,7 @@ class DeepSeekModel(nnx.Module):
                                  std=cfg.init_std, param_dtype=cfg.param_dtype))
     self.mtp = nnx.List([
         MTPModule(make_block(cfg, cfg.n_moe_layers > 0, rngs, execution), cfg.d_model,
-                  eps=cfg.rms_norm_eps, matmul_format=matmul_format(cfg),
+                  eps=cfg.rms_norm_eps, matmul_format=matmul_format(cfg, execution),
                   **common) for _ in range(cfg.n_mtp_modules)])
 
   def head(self, h: jax.Array) -> jax.Array:

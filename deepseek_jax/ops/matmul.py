@@ -11,6 +11,12 @@ path and the grouped expert product alike. The layers pass their format for ever
 matmul V3 runs in FP8 and leave out those it keeps in BF16/FP32: the embedding, the output
 head, the MoE router and MLA's absorbed per-head products.
 
+A weight may also be held in FP8 (``quant.fp8.Fp8Weight``: E4M3 values and 128x128 block
+scales, e.g. kept from a released V3/R1 checkpoint by ``load_hf_checkpoint(keep_fp8=True)``).
+Under "bf16" it is dequantised to the compute dtype and multiplied as any weight; under
+"fp8_blockwise" its stored blocks go straight into the block-scaled GEMM, the activation in
+1x128 tiles (inference: no FP8 backward pass for it).
+
 Axis letters follow the caller's legend; ``eqn`` is an einsum equation with the activation
 first and the weight second, e.g. ``"BTD,DF->BTF"``.
 """
@@ -22,13 +28,17 @@ from typing import Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from deepseek_jax.quant.fp8 import fp8_einsum, fp8_product
+from deepseek_jax.quant.fp8 import (Fp8Weight, block_scaled_gemm, fp8_einsum, fp8_product,
+                                    fp8_weight_einsum, fp8_weight_product)
+from pallas_kernels.platform import target_platform
 
 Product = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 MATMUL_FORMATS = ("bf16", "fp8_blockwise", "fp8_tensorwise")
+FP8_KERNELS = ("xla", "mosaic_gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,15 +51,22 @@ class MatmulFormat:
     baseline of common FP8 frameworks).
   cache_inputs: keep each FP8 matmul's input for the backward pass as E4M3 tiles + scales
     instead of in ``dtype`` (V3 §3.3.4); FP8 formats only.
-  Raises ValueError for an unknown name or ``cache_inputs`` without FP8.
+  kernel: what runs the blockwise Fprop and Dgrad GEMMs of dense layers: "xla"
+    (``quant.fp8.block_scaled_gemm``) or "mosaic_gpu" (``pallas_kernels.fp8_gemm``, Hopper;
+    Mosaic GPU's interpreter off GPU). ``model.execution`` chooses it; no effect on the function
+    computed beyond f32 summation order.
+  Raises ValueError for an unknown name or kernel, or ``cache_inputs`` without FP8.
   """
 
   name: str = "bf16"
   cache_inputs: bool = False
+  kernel: str = "xla"
 
   def __post_init__(self):
     if self.name not in MATMUL_FORMATS:
       raise ValueError(f"matmul format must be one of {MATMUL_FORMATS}, got {self.name!r}")
+    if self.kernel not in FP8_KERNELS:
+      raise ValueError(f"FP8 GEMM kernel must be one of {FP8_KERNELS}, got {self.kernel!r}")
     if self.cache_inputs and not self.fp8:
       raise ValueError("cache_inputs (fp8_cache_inputs) needs an FP8 matmul format; set "
                        "matmul_format to fp8_blockwise or fp8_tensorwise")
@@ -76,7 +93,8 @@ def weight_matmul(eqn: str, x: jax.Array, w, *, dtype, preferred_element_type=No
   Args:
     eqn: einsum equation, activation operand first, weight second.
     x: activation, any float dtype.
-    w: the weight (an ``nnx.Param`` or an array, stored in ``param_dtype``).
+    w: the weight (an ``nnx.Param`` or its value): an array (stored in ``param_dtype``) or a
+      ``quant.fp8.Fp8Weight`` (E4M3 values + block scales, see ``_stored_fp8``).
     dtype: compute dtype of both operands ("float32", "bfloat16", ...). The router passes
       float32 (V3 §3.3 keeps gating in high precision).
     preferred_element_type: accumulation / output dtype of the einsum (e.g. float32 for the
@@ -93,17 +111,33 @@ def weight_matmul(eqn: str, x: jax.Array, w, *, dtype, preferred_element_type=No
     chunk_starts: FP8 with ``product``: [rows] bool, where Wgrad's 128-row chunks begin
       (``quant.fp8.chunk_starts``; default every 128 rows).
   Returns the product; with the einsum its dtype is ``preferred_element_type`` or ``dtype``.
-  Raises ValueError for an unknown ``fmt``.
+  Raises ValueError for an unknown ``fmt``, or an FP8 ``fmt`` whose einsum does not contract
+  an ``Fp8Weight``'s leading axes.
   """
   fmt = MatmulFormat(fmt) if isinstance(fmt, str) else fmt
   x = x.astype(dtype)
-  w = w[...].astype(dtype)  # an nnx.Param's value, or the array itself
+  w = w.get_value() if isinstance(w, nnx.Variable) else w  # the stored value, not w[...]
+  if isinstance(w, Fp8Weight):
+    return _stored_fp8(eqn, x, w, dtype, preferred_element_type, product, fmt, product_args)
+  w = w.astype(dtype)
   if fmt.fp8:
     if product is not None:
       return fp8_product(product, x, w, fmt.scaling, chunk_starts, fmt.cache_inputs,
                          product_args)
-    return fp8_einsum(eqn, x, w, fmt.scaling, fmt.cache_inputs)
+    gemm = mosaic_gpu_gemm if fmt.kernel == "mosaic_gpu" else block_scaled_gemm
+    return fp8_einsum(eqn, x, w, fmt.scaling, fmt.cache_inputs, gemm)
   return _product(eqn, x, w, preferred_element_type, product, product_args)
+
+
+def mosaic_gpu_gemm(qa: jax.Array, sa: jax.Array, qw: jax.Array, sw: jax.Array) -> jax.Array:
+  """``quant.fp8.block_scaled_gemm`` on the Hopper kernel (``pallas_kernels.fp8_gemm``):
+  ``qa`` [M, Kp] E4M3, ``sa`` [M, Kp/128], ``qw`` [Kp, Np] E4M3, ``sw`` [Kp/128, Np/128] ->
+  float32 [M, Np]. The kernel reads the weight K-contiguous ([Np, Kp], a transpose XLA fuses
+  into the quantiser). Off GPU it runs in Mosaic GPU's interpreter (tests)."""
+  from pallas_kernels.fp8_gemm import kernel_mgpu
+  qb, sb = kernel_mgpu.weight_from_kn(qw, sw)
+  return kernel_mgpu.fp8_gemm(qa, sa, qb, sb, out_dtype=jnp.float32,
+                              interpret=target_platform() != "gpu")
 
 
 def _product(eqn, x, w, preferred_element_type, product, product_args=()):
@@ -111,3 +145,29 @@ def _product(eqn, x, w, preferred_element_type, product, product_args=()):
   if product is not None:
     return product(x, w, *product_args)
   return jnp.einsum(eqn, x, w, preferred_element_type=preferred_element_type)
+
+
+def _stored_fp8(eqn, x, w: Fp8Weight, dtype, preferred_element_type, product, fmt,
+                product_args):
+  """An ``Fp8Weight`` meets the activation ``x`` (already in ``dtype``):
+
+    bf16            w dequantised to ``dtype`` (q * scale in f32, then cast), then the product
+                    as for any weight (DeepSeek's inference on its BF16 GEMM path);
+    fp8_blockwise   the stored blocks as they are: ``quant.fp8.fp8_weight_einsum`` (x in 1 x bk
+                    tiles, ``scaled_dot``), or with ``product`` ``fp8_weight_product`` (x
+                    through 1 x bk tiles, w's exact values in f32); the weight is never
+                    re-quantised;
+    fp8_tensorwise  w dequantised to f32 and run as any weight in that format (one scale per
+                    operand replaces the blocks).
+
+  FP8 forms are inference-only (``cache_inputs`` and Wgrad chunks do not apply)."""
+  if not fmt.fp8:
+    return _product(eqn, x, w.dequantize(dtype), preferred_element_type, product, product_args)
+  if fmt.scaling == "tensorwise":
+    w32 = w.dequantize(jnp.float32)
+    if product is not None:
+      return fp8_product(product, x, w32, "tensorwise", None, False, product_args)
+    return fp8_einsum(eqn, x, w32, "tensorwise")
+  if product is not None:
+    return fp8_weight_product(product, x, w, product_args)
+  return fp8_weight_einsum(eqn, x, w)

@@ -184,19 +184,24 @@ class MetricsLogger:
       record["moe_load_min_over_mean"] = float(load["min_over_mean"].min())
       record["moe_load_entropy"] = float(load["entropy"].mean())
     if self.main:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-      if self.writer is not None:
-        for key, value in record.items():
-          if key != "step":
-            self.writer.add_scalar(key, value, step)
-        if "expert_load" in metrics:
-          for stat, values in expert_load_stats(metrics["expert_load"]).items():
-            for layer, v in enumerate(values):
-              self.writer.add_scalar(f"moe_layer_{layer}/{stat}", float(v), step)
-        self.writer.flush()
+      per_layer = {}
+      if "expert_load" in metrics:
+        for stat, values in expert_load_stats(metrics["expert_load"]).items():
+          per_layer.update({f"moe_layer_{layer}/{stat}": float(v)
+                            for layer, v in enumerate(values)})
+      self._write(record, per_layer)
       print(self.console_line(record), flush=True)
     return record
+
+  def _write(self, record: dict, extra_scalars: dict | None = None) -> None:
+    """Append ``record`` to metrics.jsonl; its scalars (and ``extra_scalars``) to TensorBoard."""
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self.writer is not None:
+      for key, value in {**record, **(extra_scalars or {})}.items():
+        if key != "step":
+          self.writer.add_scalar(key, value, record["step"])
+      self.writer.flush()
 
   def log_eval(self, step: int, result: dict) -> dict:
     """A held-out evaluation at ``step`` (``result``: loss, perplexity, tokens) as its own
@@ -204,13 +209,7 @@ class MetricsLogger:
     TensorBoard scalars. Returns the record."""
     record = {"step": step, **{f"eval_{k}": v for k, v in result.items() if k != "step"}}
     if self.main:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-      if self.writer is not None:
-        for key, value in record.items():
-          if key != "step":
-            self.writer.add_scalar(key, value, step)
-        self.writer.flush()
+      self._write(record)
     return record
 
   def console_line(self, r: dict) -> str:

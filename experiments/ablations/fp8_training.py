@@ -192,5 +192,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # --config.* overrides pass through to experiments/train.py untouched.
   flags.FLAGS(sys.argv[:1] + [a for a in sys.argv[1:] if not a.startswith("--config.")])
-  main(sys.argv)
+  try:
+    main(sys.argv)
+  except (app.UsageError, FileNotFoundError) as error:
+    sys.exit(f"error: {error}")

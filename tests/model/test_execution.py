@@ -105,3 +105,19 @@ def test_loaders_resolve_the_execution_for_the_mesh_they_place_weights_on(tmp_pa
   ep = resolve_execution(loaded.config, mesh)
   again = load_hf_checkpoint(str(tmp_path / "hf"), mesh=mesh, execution=ep)
   assert {layer.dispatch.mode for layer in _moe_layers(again)} == {"expert_parallel"}
+
+
+def test_the_fp8_gemm_kernel_is_an_execution_choice_applied_to_every_layer():
+  cfg = CFG.replace(matmul_format="fp8_blockwise", n_mtp_modules=1)
+  cpu = resolve_execution(cfg)
+  assert cpu.fp8_kernel == "xla"
+  assert "matmuls fp8_blockwise (emulated on CPU" in cpu.summary()
+  assert resolve_execution(CFG).summary().endswith("matmuls bf16")
+  model = create_model(cfg)
+  formats = [node.matmul_format for _, node in nnx.iter_graph(model)
+             if isinstance(node, nnx.Module) and hasattr(node, "matmul_format")]
+  assert formats and {f.kernel for f in formats} == {"xla"}
+  assert {f.name for f in formats} == {"fp8_blockwise"}
+  set_execution(model, dataclasses.replace(cpu, fp8_kernel="mosaic_gpu"))
+  assert {node.matmul_format.kernel for _, node in nnx.iter_graph(model)
+          if isinstance(node, nnx.Module) and hasattr(node, "matmul_format")} == {"mosaic_gpu"}

@@ -5,6 +5,7 @@ import collections
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -126,3 +127,28 @@ def test_fp8_formats_are_the_quant_gemm_on_the_weights_matrix_form(eqn, x_shape,
     matmul.weight_matmul(eqn, x, w, dtype=jnp.float32, fmt="fp4")
   with pytest.raises(ValueError, match="disjoint free axes"):
     fp8.fp8_einsum("NBD,EDF->NBF", jnp.ones((2, 3, 4)), jnp.ones((5, 4, 6)))
+
+
+def test_the_mosaic_gpu_kernel_plugs_into_the_dense_fp8_gemms(monkeypatch):
+  """MatmulFormat(kernel="mosaic_gpu") runs Fprop and Dgrad on pallas_kernels.fp8_gemm (here in
+  Mosaic GPU's CPU interpreter) and gives the XLA path's numbers; Wgrad stays XLA's."""
+  from pallas_kernels.fp8_gemm import kernel_mgpu
+  if not kernel_mgpu.INTERPRET_SUPPORTED:
+    pytest.skip(f"jax {jax.__version__} has no Mosaic GPU interpreter")
+  x = jax.random.normal(jax.random.key(0), (2, 100, 300))  # M 200, K 300, N 136: all padded
+  w = 0.05 * jax.random.normal(jax.random.key(1), (300, 136))
+  g = jax.random.normal(jax.random.key(2), (2, 100, 136))
+  calls, kernel_gemm = [], kernel_mgpu.fp8_gemm
+  monkeypatch.setattr(kernel_mgpu, "fp8_gemm",
+                      lambda *a, **k: calls.append(1) or kernel_gemm(*a, **k))
+  runs = []
+  for kernel in ("xla", "mosaic_gpu"):
+    fmt = matmul.MatmulFormat("fp8_blockwise", kernel=kernel)
+    out, vjp = jax.vjp(lambda a, b: matmul.weight_matmul("BTD,DF->BTF", a, b, dtype=jnp.float32,
+                                                         fmt=fmt), x, w)
+    runs.append((out, *vjp(g)))
+  assert len(calls) == 2  # Fprop and Dgrad
+  for xla, kernel in zip(*runs):
+    np.testing.assert_allclose(kernel, xla, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="FP8 GEMM kernel must be one of"):
+    matmul.MatmulFormat("fp8_blockwise", kernel="cutlass")

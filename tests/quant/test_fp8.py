@@ -230,3 +230,45 @@ def test_cached_inputs_in_the_dense_layer_change_only_wgrad():
     kept = {(leaf.dtype, leaf.shape) for leaf in jax.tree.leaves(saved)}
     assert ((jnp.dtype(jnp.float8_e4m3fn), (96, 384)) in kept) == cache
     assert ((jnp.dtype(jnp.float32), (96, 300)) in kept) == (not cache)
+
+
+def test_each_platform_says_how_it_runs_the_fp8_gemms():
+  assert fp8.fp8_execution("tpu", "TPU7x").startswith("native")
+  for kind in ("TPU v5 lite", "TPU v5", "TPU v6 lite"):
+    assert fp8.fp8_execution("tpu", kind).startswith(f"emulated: {kind} has no FP8")
+  assert fp8.fp8_execution("cpu").startswith("emulated on CPU")
+  assert "XLA" in fp8.fp8_execution("gpu", "NVIDIA H100 80GB HBM3")
+
+
+def test_the_block_scaled_gemm_gives_the_tpu_compiler_e4m3_operands():
+  """Compiled ahead of time for Ironwood (FP8 matrix units): the per-slice dot_general keeps
+  its float8_e4m3fn operands, so XLA:TPU can run it on them; a product of dequantised
+  operands would not."""
+  pytest.importorskip("libtpu", reason="TPU ahead-of-time compiles need libtpu (the test extra)")
+  from jax.experimental import topologies
+  from jax.sharding import SingleDeviceSharding
+  device = topologies.get_topology_desc(platform="tpu", topology_name="tpu7x:2x2x1").devices[0]
+  sharding = SingleDeviceSharding(device)
+  args = [jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for shape, dtype in
+          (((256, 512), jnp.float8_e4m3fn), ((256, 4), jnp.float32),
+           ((512, 384), jnp.float8_e4m3fn), ((4, 384), jnp.float32))]
+  assert device.device_kind == "TPU7x"
+  assert _dot_operand_types(jax.jit(fp8.scaled_dot).lower(*args).compile().as_text()) == {
+      "f8e4m3fn"}
+  # (XLA folds a plain widening convert into the dot too; scaling before the dot, as the
+  # dequantise-then-multiply of the grouped form does, leaves it f32 operands.)
+  dequantised = lambda qa, sa, qb, sb: jnp.dot(
+      fp8.dequantize_tiles(qa, sa), fp8.dequantize_tiles(qb.T, sb.T).T)
+  assert _dot_operand_types(jax.jit(dequantised).lower(*args).compile().as_text()) == {"f32"}
+
+
+def _dot_operand_types(hlo: str) -> set:
+  """Element types of the operands of every convolution / dot in optimised HLO text."""
+  import re
+  types = dict(re.findall(r"%([\w.-]+) = (\w+)\[", hlo))
+  found = set()
+  for line in hlo.splitlines():
+    match = re.search(r"= \w+\[[^\]]*\][^ ]* (?:convolution|dot)\(([^)]*)\)", line)
+    if match:
+      found.update(types.get(name.strip().lstrip("%")) for name in match.group(1).split(","))
+  return found

@@ -154,6 +154,21 @@ def test_command_line_choice_and_optional_overrides_reach_the_model_config(tmp_p
     _parse_file(tmp_path, "--config.model.overrides.q_lora_rank=sixteen")
 
 
+def test_the_fp8_ablation_switch_from_the_command_line(tmp_path):
+  c = _parse_file(tmp_path, "--config.model.preset=tiny",
+                  "--config.model.overrides.matmul_format=fp8_blockwise",
+                  "--config.model.overrides.fp8_cache_inputs=true")
+  cfg = model_config(c)
+  assert (cfg.matmul_format, cfg.fp8_cache_inputs) == ("fp8_blockwise", True)
+  c = _parse_file(tmp_path, "--config.model.overrides.matmul_format=fp4")
+  with pytest.raises(ValueError, match=r"ModelConfig.matmul_format: must be one of \('bf16', "
+                                       r"'fp8_blockwise', 'fp8_tensorwise'\), got 'fp4'"):
+    model_config(c)
+  c = _parse_file(tmp_path, "--config.model.overrides.fp8_cache_inputs=true")
+  with pytest.raises(ValueError, match="fp8_cache_inputs: needs an FP8 matmul_format"):
+    model_config(c)
+
+
 def test_tuple_overrides_parse_through_absl_flags(tmp_path):
   c = _parse_file(tmp_path, "--config.train.mtp_weight=((0, 0.3), (100, 0.1))",
                   "--config.sample.prompts=a", "--config.sample.prompts=b")

@@ -79,3 +79,12 @@ def test_time_paused_for_evaluation_or_saving_is_left_out(tmp_path, monkeypatch)
   clock.now = 24.0
   record = logger.log(3, _M)  # 14 s elapsed, 10 paused, 2 steps
   assert record["step_time"] == 2.0
+
+
+def test_held_out_evaluations_are_their_own_records(tmp_path):
+  logger = _logger(tmp_path)
+  logger.log(10, _M)
+  record = logger.log_eval(10, {"loss": 2.0, "perplexity": 7.389, "tokens": 640})
+  assert record == {"step": 10, "eval_loss": 2.0, "eval_perplexity": 7.389, "eval_tokens": 640}
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert lines[-1] == record and "eval_loss" not in lines[0]

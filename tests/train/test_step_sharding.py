@@ -55,17 +55,21 @@ def _loss_and_grads(mesh_shape, rules_name, cfg=CFG):
   return jax.device_get((loss, metrics, grads)), sharded
 
 
+MESHES = [
+    (dict(data=8), "replicated"),
+    (dict(data=2, fsdp=2, expert=2), "fsdp"),
+    (dict(fsdp=2, expert=2, tensor=2), "fsdp"),
+    (dict(expert=4, tensor=2), "tensor"),
+]
+MESH_IDS = lambda x: x if isinstance(x, str) else "-".join(f"{k}{v}" for k, v in x.items())
+
+
 @pytest.fixture(scope="module")
 def single_device():
   return _loss_and_grads(dict(data=1), "fsdp")[0]
 
 
-@pytest.mark.parametrize("mesh_shape, rules", [
-    (dict(data=8), "replicated"),
-    (dict(data=2, fsdp=2, expert=2), "fsdp"),
-    (dict(fsdp=2, expert=2, tensor=2), "fsdp"),
-    (dict(expert=4, tensor=2), "tensor"),
-], ids=lambda x: x if isinstance(x, str) else "-".join(f"{k}{v}" for k, v in x.items()))
+@pytest.mark.parametrize("mesh_shape, rules", MESHES, ids=MESH_IDS)
 def test_sharded_loss_and_gradients_equal_single_device(single_device, mesh_shape, rules):
   (loss, metrics, grads), sharded = _loss_and_grads(mesh_shape, rules)
   ref_loss, ref_metrics, ref_grads = single_device
@@ -88,12 +92,7 @@ def single_device_fp8():
   return _loss_and_grads(dict(data=1), "fsdp", FP8)[0]
 
 
-@pytest.mark.parametrize("mesh_shape, rules", [
-    (dict(data=8), "replicated"),
-    (dict(data=2, fsdp=2, expert=2), "fsdp"),
-    (dict(fsdp=2, expert=2, tensor=2), "fsdp"),
-    (dict(expert=4, tensor=2), "tensor"),
-], ids=lambda x: x if isinstance(x, str) else "-".join(f"{k}{v}" for k, v in x.items()))
+@pytest.mark.parametrize("mesh_shape, rules", MESHES, ids=MESH_IDS)
 def test_sharded_fp8_step_equals_the_single_device_fp8_step(single_device_fp8, mesh_shape, rules):
   """V3's FP8 recipe under every mesh. Outside shard_map the quantisers see global arrays, so
   a weight's 128x128 blocks are the same whatever its shards; inside the expert-parallel
