@@ -115,7 +115,8 @@ def _heads_out(n: int, h: int) -> Codec:
 
 def _heads_in(n: int, v: int) -> Codec:
   """o_proj [D, N*V] <-> [N, V, D]."""
-  return Codec(lambda x: (x.T.reshape(n, v, x.shape[0]),), lambda w: w.reshape(n * v, w.shape[-1]).T,
+  return Codec(lambda x: (x.T.reshape(n, v, x.shape[0]),),
+               lambda w: w.reshape(n * v, w.shape[-1]).T,
                lambda s, block: ((s.T, 1),))
 
 

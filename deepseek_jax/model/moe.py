@@ -56,7 +56,7 @@ from flax import nnx
 from deepseek_jax.model.layers import SwiGLU, normal_param
 from deepseek_jax.ops.grouped_matmul import (default_tile, grouped_matmul, resolve_impl,
                                              tile_layout, tile_matmul)
-from deepseek_jax.ops.matmul import BF16, MatmulFormat, weight_matmul
+from deepseek_jax.ops.matmul import BF16, MatmulFormat, mosaic_gpu_grouped_gemm, weight_matmul
 from deepseek_jax.quant.fp8 import BLOCK as FP8_BLOCK, chunk_starts
 from deepseek_jax.ops.rows import gather_rows
 from deepseek_jax.parallel import expert_parallel
@@ -276,9 +276,10 @@ def expert_ffn(x, experts, weights, w_gate, w_up, w_down, *, impl="auto", max_ro
   rank = jnp.argsort(order)  # [M] sorted position of each slot
   computed = (rank < bounds[-1]).reshape(t, top_k)
   x, w_gate, w_up, w_down = _same_varying_axes(x, w_gate, w_up, w_down)
-  if resolve_impl(impl) == "tiled":
+  kernel = fmt.kernel == "mosaic_gpu" and fmt.name == "fp8_blockwise"
+  if resolve_impl(impl) == "tiled" or kernel:  # the kernel: DeepGEMM's 128-row layout
     out = _tiled_expert_ffn(x, order[:rows], rank, group_sizes, top_k, w_gate, w_up, w_down,
-                            fmt)
+                            fmt, tile=FP8_BLOCK if kernel else None)
   else:
     x_sorted = x[order[:rows] // top_k]
     gmm = lambda a, w, sizes: grouped_matmul(a, w, sizes, impl=impl)
@@ -309,13 +310,14 @@ def _same_varying_axes(*values):
                                    if union - v else a for a, v in zip(arrays, varying)])
 
 
-def _tiled_expert_ffn(x, order, rank, group_sizes, top_k, w_gate, w_up, w_down, fmt=BF16):
+def _tiled_expert_ffn(x, order, rank, group_sizes, top_k, w_gate, w_up, w_down, fmt=BF16,
+                      tile=None):
   """The whole SwiGLU in tile space (CPU): one gather of tokens into expert tiles, three tile
   matmuls, one gather back to slots [T, K, D]. ``order`` [rows] lists the computed slots in
   expert order, ``rank`` [M] each slot's sorted position. Padding slots hold zero rows, and
   silu(0) * 0 = 0 keeps them zero through the FFN."""
   (t, d), rows, n_experts = x.shape, order.shape[0], w_gate.shape[0]
-  tile = default_tile(rows, n_experts)
+  tile = tile or default_tile(rows, n_experts)
   layout = tile_layout(group_sizes, rows, n_experts, tile)
   n_slots = layout.rows.shape[0]
   slot_of_sorted = jnp.concatenate([jnp.where(layout.valid, layout.slot, n_slots),
@@ -327,7 +329,8 @@ def _tiled_expert_ffn(x, order, rank, group_sizes, top_k, w_gate, w_up, w_down, 
   x_tiles = x_tiles.reshape(-1, tile, d)
   # FP8 Wgrad chunks: 128 // tile tiles (the tile divides 128), restarting at each expert.
   kw = dict(dtype=x.dtype, product=tile_matmul, product_args=(layout.tile_group,), fmt=fmt,
-            chunk_starts=chunk_starts(layout.tile_group, FP8_BLOCK // tile) if fmt.fp8 else None)
+            chunk_starts=chunk_starts(layout.tile_group, FP8_BLOCK // tile) if fmt.fp8 else None,
+            fp8_forward=mosaic_gpu_grouped_gemm if fmt.kernel == "mosaic_gpu" else None)
   gate = weight_matmul("NBD,EDF->NBF", x_tiles, w_gate, **kw)
   up = weight_matmul("NBD,EDF->NBF", x_tiles, w_up, **kw)
   y_tiles = weight_matmul("NBF,EFD->NBD", jax.nn.silu(gate) * up, w_down, **kw)

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepseek_jax.quant.fp8 import (Fp8Weight, block_scaled_gemm, fp8_einsum, fp8_product,
-                                    fp8_weight_einsum, fp8_weight_product)
+                                    fp8_weight_einsum, fp8_weight_product, quantize_blocks,
+                                    quantize_tiles)
 from pallas_kernels.platform import target_platform
 
 Product = Callable[[jax.Array, jax.Array], jax.Array]
@@ -87,7 +88,7 @@ BF16 = MatmulFormat()
 def weight_matmul(eqn: str, x: jax.Array, w, *, dtype, preferred_element_type=None,
                   product: Optional[Product] = None, fmt: Union[str, MatmulFormat] = BF16,
                   chunk_starts: Optional[jax.Array] = None,
-                  product_args: tuple = ()) -> jax.Array:
+                  product_args: tuple = (), fp8_forward: Optional[Product] = None) -> jax.Array:
   """``einsum(eqn, x, w)`` with both operands in ``dtype``.
 
   Args:
@@ -110,6 +111,8 @@ def weight_matmul(eqn: str, x: jax.Array, w, *, dtype, preferred_element_type=No
       ``quant.fp8.fp8_product`` (weights [E, K, N] in blocks per expert).
     chunk_starts: FP8 with ``product``: [rows] bool, where Wgrad's 128-row chunks begin
       (``quant.fp8.chunk_starts``; default every 128 rows).
+    fp8_forward: blockwise FP8 with ``product``: a kernel for the Fprop
+      (``quant.fp8.fp8_product``'s ``forward_gemm``, e.g. ``mosaic_gpu_grouped_gemm``).
   Returns the product; with the einsum its dtype is ``preferred_element_type`` or ``dtype``.
   Raises ValueError for an unknown ``fmt``, or an FP8 ``fmt`` whose einsum does not contract
   an ``Fp8Weight``'s leading axes.
@@ -123,10 +126,26 @@ def weight_matmul(eqn: str, x: jax.Array, w, *, dtype, preferred_element_type=No
   if fmt.fp8:
     if product is not None:
       return fp8_product(product, x, w, fmt.scaling, chunk_starts, fmt.cache_inputs,
-                         product_args)
+                         product_args, fp8_forward)
     gemm = mosaic_gpu_gemm if fmt.kernel == "mosaic_gpu" else block_scaled_gemm
     return fp8_einsum(eqn, x, w, fmt.scaling, fmt.cache_inputs, gemm)
   return _product(eqn, x, w, preferred_element_type, product, product_args)
+
+
+def mosaic_gpu_grouped_gemm(x_tiles: jax.Array, w: jax.Array, tile_group: jax.Array) -> jax.Array:
+  """The experts' blockwise FP8 Fprop on the Hopper kernel in DeepGEMM's contiguous layout:
+  ``x_tiles`` [N, 128, K] (tiles of 128 rows, each of one expert, ``tile_group`` [N] int),
+  ``w`` [E, K, F] -> float32 [N, 128, F]; the operands are quantised as ``quant.fp8`` does
+  (1x128 tiles, 128x128 blocks per expert). Off GPU it runs in Mosaic GPU's interpreter."""
+  from pallas_kernels.fp8_gemm import kernel_mgpu
+  n, rows, k = x_tiles.shape
+  f = w.shape[-1]
+  qa, sa = quantize_tiles(x_tiles.reshape(n * rows, k))
+  qw, sw = jax.vmap(quantize_blocks)(w)
+  qb, sb = kernel_mgpu.weight_from_kn(qw, sw)
+  out = kernel_mgpu.fp8_grouped_gemm(qa, sa, qb, sb, tile_group.astype(jnp.int32),
+                                     out_dtype=jnp.float32, interpret=target_platform() != "gpu")
+  return out[:, :f].reshape(n, rows, f)
 
 
 def mosaic_gpu_gemm(qa: jax.Array, sa: jax.Array, qw: jax.Array, sw: jax.Array) -> jax.Array:

@@ -330,7 +330,7 @@ def chunk_starts(unit_group: jax.Array, units_per_chunk: int) -> jax.Array:
 
 def fp8_product(product, x: jax.Array, w: jax.Array, fmt: str = "blockwise",
                 starts: jax.Array | None = None, cache_inputs: bool = False,
-                product_args: tuple = ()) -> jax.Array:
+                product_args: tuple = (), forward_gemm=None) -> jax.Array:
   """A bilinear ``product(x, w, *product_args)`` (a grouped expert matmul: ``x`` [U, ..., K]
   rows, ``w`` [E, K, N] per-expert weights, ``product_args`` its integer group arrays) with its
   Fprop, Dgrad and Wgrad in E4M3 (section doc above): Fprop quantises ``x`` in 1x128 tiles
@@ -339,8 +339,10 @@ def fp8_product(product, x: jax.Array, w: jax.Array, fmt: str = "blockwise",
   [U] bool, default every 128 units from the first). ``"tensorwise"``: one scale per operand.
   ``cache_inputs`` saves ``x`` for the backward pass as its E4M3 tiles and scales instead (V3
   §3.3.4; Wgrad then re-quantises the dequantised copy). ``product`` must not close over traced
-  arrays (pass them in ``product_args``). Returns ``product``'s output in ``x.dtype``. Raises
-  ValueError for another ``fmt``."""
+  arrays (pass them in ``product_args``). ``forward_gemm(x, w, *product_args)`` (blockwise
+  only) replaces the Fprop by a kernel that quantises alike and returns f32 (the Mosaic GPU
+  grouped GEMM); the backward GEMMs stay ``product``'s. Returns ``product``'s output in
+  ``x.dtype``. Raises ValueError for another ``fmt``."""
   if fmt not in FORMATS:
     raise ValueError(f"fp8 format must be one of {FORMATS}, got {fmt!r}")
   if starts is None:
@@ -354,6 +356,8 @@ def fp8_product(product, x: jax.Array, w: jax.Array, fmt: str = "blockwise",
     return fake_quant_tensor(a) if tensorwise else fake_quant_columns(a, starts)
 
   def forward(x, w, starts, args):
+    if forward_gemm is not None and not tensorwise:
+      return forward_gemm(x, w, *args).astype(out_dtype)
     return product(rows_q(x), weight_q(w), *args).astype(out_dtype)
 
   f = jax.custom_vjp(forward)

@@ -276,3 +276,35 @@ def test_fp8_experts_are_the_same_function_in_tile_space_and_sorted_rows(load):
     # FP8's own ~2e-3.
     assert relative_error(a, b) < 1e-6
     assert 1e-4 < relative_error(a, e) < 3e-3
+
+
+def test_the_grouped_mosaic_gpu_kernel_runs_the_experts_fprop(monkeypatch):
+  """kernel="mosaic_gpu": the experts' three Fprop GEMMs go to the grouped kernel in DeepGEMM's
+  128-row layout (``ops.matmul.mosaic_gpu_grouped_gemm``, whose numbers
+  tests/ops/test_matmul_chokepoint.py checks in the interpreter); here a stand-in of the same
+  arithmetic records the calls, and the result and the (XLA) backward equal the XLA path's."""
+  from deepseek_jax.ops.matmul import MatmulFormat
+  from deepseek_jax.ops.grouped_matmul import tile_matmul
+  from deepseek_jax.quant import fp8
+  calls = []
+
+  def stand_in(x_tiles, w, tile_group):
+    calls.append(x_tiles.shape)
+    return tile_matmul(fp8.fake_quant_tiles(x_tiles), fp8.fake_quant_blocks(w), tile_group)
+
+  monkeypatch.setattr(M, "mosaic_gpu_grouped_gemm", stand_in)
+  x = jax.random.normal(jax.random.key(4), (100, 128))
+  w = [0.05 * jax.random.normal(jax.random.key(i), shape) for i, shape in
+       ((5, (4, 128, 192)), (6, (4, 128, 192)), (7, (4, 192, 128)))]
+  experts = jax.random.randint(jax.random.key(8), (100, 2), 0, 4)
+  weights = jax.random.uniform(jax.random.key(9), (100, 2))
+  cot = jax.random.normal(jax.random.key(10), (100, 128))
+  runs = []
+  for kernel in ("xla", "mosaic_gpu"):
+    fmt = MatmulFormat("fp8_blockwise", kernel=kernel)
+    f = lambda x, *w: M.expert_ffn(x, experts, weights, *w, impl="ragged_dot", fmt=fmt)[0]
+    y, vjp = jax.vjp(f, x, *w)
+    runs.append((y, *vjp(cot)))
+  assert [shape[1] for shape in calls] == [128, 128, 128]  # gate, up, down; 128-row tiles
+  for xla, kernel in zip(*runs):
+    assert fp8.relative_error(kernel, xla) < 1e-6

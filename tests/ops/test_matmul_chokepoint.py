@@ -152,3 +152,20 @@ def test_the_mosaic_gpu_kernel_plugs_into_the_dense_fp8_gemms(monkeypatch):
     np.testing.assert_allclose(kernel, xla, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="FP8 GEMM kernel must be one of"):
     matmul.MatmulFormat("fp8_blockwise", kernel="cutlass")
+
+
+def test_the_grouped_mosaic_gpu_kernel_adapter_is_the_quantised_tile_product():
+  """``mosaic_gpu_grouped_gemm`` (Mosaic GPU's CPU interpreter here): 128-row tiles of one
+  expert each, weights quantised per expert, as the XLA path's fake-quantised tile product."""
+  from deepseek_jax.ops.grouped_matmul import tile_matmul
+  from deepseek_jax.quant import fp8
+  from pallas_kernels.fp8_gemm import kernel_mgpu
+  if not kernel_mgpu.INTERPRET_SUPPORTED:
+    pytest.skip(f"jax {jax.__version__} has no Mosaic GPU interpreter")
+  x_tiles = jax.random.normal(jax.random.key(0), (5, 128, 192))
+  w = 0.05 * jax.random.normal(jax.random.key(1), (3, 192, 136))
+  tile_group = jnp.array([0, 0, 2, 2, 2])  # expert 1 has no rows
+  got = matmul.mosaic_gpu_grouped_gemm(x_tiles, w, tile_group)
+  want = tile_matmul(fp8.fake_quant_tiles(x_tiles), fp8.fake_quant_blocks(w), tile_group)
+  assert got.shape == (5, 128, 136) and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
