@@ -118,11 +118,14 @@ def resolve_execution(cfg: ModelConfig, mesh: Optional[Mesh] = None, *,
   if cfg.matmul_format != "bf16":
     device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
     matmul += f" ({fp8_execution(platform, device.device_kind)})"
+    if cfg.fp8_cache_inputs:
+      matmul += " + FP8 input caching"
     if cfg.matmul_format == "fp8_blockwise" and platform == "gpu":
       hopper = str(getattr(device, "compute_capability", "")).startswith("9")
       if hopper and not multi_device:
         fp8_kernel = "mosaic_gpu"
-        matmul = f"{cfg.matmul_format} (Mosaic GPU block-scaled kernel for Fprop/Dgrad)"
+        matmul = f"{cfg.matmul_format} (Mosaic GPU block-scaled kernel for Fprop/Dgrad)" + (
+            " + FP8 input caching" if cfg.fp8_cache_inputs else "")
       else:
         warn_fallback("FP8 GEMM", "the Mosaic GPU kernel needs one Hopper GPU (sm_90a) and no "
                       "XLA-partitioned mesh" if hopper else f"{device.device_kind} is not Hopper")

@@ -74,11 +74,15 @@ class MatmulFormat:
 
   @property
   def fp8(self) -> bool:
+    """Whether the matmuls quantise to E4M3 (every format but "bf16")."""
     return self.name != "bf16"
 
   @property
   def scaling(self) -> str:
-    """"blockwise" | "tensorwise" (FP8 formats)."""
+    """"blockwise" | "tensorwise": ``quant.fp8``'s name of an FP8 format's scaling. Raises
+    ValueError for "bf16" (no scaling)."""
+    if not self.fp8:
+      raise ValueError("matmul format 'bf16' has no FP8 scaling")
     return self.name.split("_", 1)[1]
 
 
@@ -89,7 +93,7 @@ def weight_matmul(eqn: str, x: jax.Array, w, *, dtype, preferred_element_type=No
                   product: Optional[Product] = None, fmt: Union[str, MatmulFormat] = BF16,
                   chunk_starts: Optional[jax.Array] = None,
                   product_args: tuple = (), fp8_forward: Optional[Product] = None) -> jax.Array:
-  """``einsum(eqn, x, w)`` with both operands in ``dtype``.
+  """``einsum(eqn, x, w)``: both operands in ``dtype``, or in E4M3 with an FP8 ``fmt``.
 
   Args:
     eqn: einsum equation, activation operand first, weight second.
@@ -118,6 +122,8 @@ def weight_matmul(eqn: str, x: jax.Array, w, *, dtype, preferred_element_type=No
   an ``Fp8Weight``'s leading axes.
   """
   fmt = MatmulFormat(fmt) if isinstance(fmt, str) else fmt
+  if not isinstance(fmt, MatmulFormat):
+    raise ValueError(f"fmt must be a MatmulFormat or one of {MATMUL_FORMATS}, got {fmt!r}")
   x = x.astype(dtype)
   w = w.get_value() if isinstance(w, nnx.Variable) else w  # the stored value, not w[...]
   if isinstance(w, Fp8Weight):

@@ -184,7 +184,8 @@ def fp8_matmul(x: jax.Array, w: jax.Array, fmt: str = "blockwise",
                cache_inputs: bool = False, gemm=block_scaled_gemm) -> jax.Array:
   """``x @ w`` with all three GEMMs in E4M3 (module doc): ``x`` [M, K] activations, ``w``
   [K, N] weights, any float dtypes; ``fmt`` "blockwise" (V3: 1x128 tiles, 128x128 blocks) or
-  "tensorwise" (one scale per operand). ``cache_inputs`` keeps ``x`` for the backward pass as
+  "tensorwise" (one scale per operand; note: not the "fp8_"-prefixed names of
+  ``ops.matmul.MatmulFormat``). ``cache_inputs`` keeps ``x`` for the backward pass as
   its E4M3 1x128 tiles and f32 scales (V3 §3.3.4: about half the bytes of BF16), which Wgrad
   dequantises and re-quantises along M. ``gemm`` runs the blockwise Fprop and Dgrad GEMMs
   (``block_scaled_gemm``'s signature; e.g. the Mosaic GPU kernel, which ``ops.matmul`` passes
@@ -196,6 +197,10 @@ def fp8_matmul(x: jax.Array, w: jax.Array, fmt: str = "blockwise",
 def _forward(x, w, fmt, cache_inputs, gemm):
   if fmt not in FORMATS:
     raise ValueError(f"fp8 format must be one of {FORMATS}, got {fmt!r}")
+  if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+    raise ValueError(f"fp8_matmul needs x [M, K] and w [K, N], got {x.shape} and {w.shape}")
+  if not (jnp.issubdtype(x.dtype, jnp.floating) and jnp.issubdtype(w.dtype, jnp.floating)):
+    raise ValueError(f"fp8_matmul needs float operands, got {x.dtype} and {w.dtype}")
   saved = quantize_tiles(x) if cache_inputs else x
   out = _gemm_tensorwise(x, w) if fmt == "tensorwise" else _gemm_tiles_blocks(x, w, gemm=gemm)
   return out.astype(x.dtype), (saved, w)
@@ -247,6 +252,10 @@ def fp8_einsum(eqn: str, x: jax.Array, w: jax.Array, fmt: str = "blockwise",
   if (not contracted or set(x_free) & set(w_free) or sorted(out) != sorted(x_free + w_free)
       or len(set(xs)) != len(xs) or len(set(ws)) != len(ws)):
     raise ValueError(f"fp8_einsum needs activation x weight with disjoint free axes, got {eqn!r}")
+  if len(xs) != x.ndim or len(ws) != w.ndim or any(
+      x.shape[xs.index(c)] != w.shape[ws.index(c)] for c in contracted):
+    raise ValueError(f"fp8_einsum {eqn!r}: operand shapes {x.shape} and {w.shape} do not fit "
+                     "the equation (ranks, or contracted sizes that differ)")
   sizes = dict(zip(xs, x.shape)) | dict(zip(ws, w.shape))
   x2 = jnp.einsum(f"{xs}->{''.join(x_free + contracted)}", x)
   w2 = jnp.einsum(f"{ws}->{''.join(contracted + w_free)}", w)
@@ -515,6 +524,10 @@ def fp8_weight_einsum(eqn: str, x: jax.Array, w: Fp8Weight) -> jax.Array:
       or len(set(xs)) != len(xs)):
     raise ValueError(f"fp8_weight_einsum needs activation x weight contracting the weight's "
                      f"{w.ndim - w.n_out} leading axes ({w!r}), got {eqn!r}")
+  if len(xs) != x.ndim or len(ws) != w.ndim or any(
+      x.shape[xs.index(c)] != w.shape[ws.index(c)] for c in contracted):
+    raise ValueError(f"fp8_einsum {eqn!r}: operand shapes {x.shape} and {w.shape} do not fit "
+                     "the equation (ranks, or contracted sizes that differ)")
   sizes = dict(zip(xs, x.shape)) | dict(zip(ws, w.shape))
   m = math.prod(sizes[c] for c in x_free)
   k = math.prod(sizes[c] for c in contracted)

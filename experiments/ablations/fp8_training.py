@@ -66,6 +66,9 @@ def read_run(path: str) -> tuple[dict[int, float], dict[int, float]]:
         held_out[r["step"]] = r["eval_loss"]
       elif "ce" in r:
         train[r["step"]] = r["ce"]
+  if not held_out:
+    raise FileNotFoundError(f"{metrics} has no held-out evaluations (eval_loss records); "
+                            "train with --config.train.eval_every > 0")
   return held_out, train
 
 
@@ -173,6 +176,8 @@ def plot(runs: dict[str, dict[str, tuple]], png: str) -> None:
 
 def main(argv):
   extra = [a for a in sys.argv[1:] if a.startswith("--config.")]
+  if not _SEEDS.value or not _FORMATS.value:
+    raise app.UsageError("--seeds and --formats need at least one entry each")
   unknown = [f for f in _FORMATS.value if f not in FORMATS and f not in CONTROLS]
   if unknown:
     raise app.UsageError(f"--formats: unknown {unknown}; choose from "
@@ -203,10 +208,21 @@ def main(argv):
   print(f"wrote {csv_path} and {_PNG.value}")
 
 
-if __name__ == "__main__":
-  # --config.* overrides pass through to experiments/train.py untouched.
-  flags.FLAGS(sys.argv[:1] + [a for a in sys.argv[1:] if not a.startswith("--config.")])
+def _main(argv):
   try:
-    main(sys.argv)
+    main(argv)
   except (app.UsageError, FileNotFoundError) as error:
     sys.exit(f"error: {error}")
+
+
+def _parse_flags(argv):
+  """absl flags, leaving the --config.* overrides for experiments/train.py (main reads
+  sys.argv); a bad flag is one line."""
+  try:
+    return flags.FLAGS([a for a in argv if not a.startswith("--config.")])
+  except flags.Error as error:
+    sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+  app.run(_main, flags_parser=_parse_flags)

@@ -132,6 +132,13 @@ def test_bfloat16_operands_keep_their_dtypes_and_tensorwise_runs():
     assert fp8.relative_error(out, x.astype(jnp.float32) @ w.astype(jnp.float32)) < 2e-3
   with pytest.raises(ValueError, match="fp8 format must be one of"):
     fp8.fp8_matmul(x, w, "e5m2")
+  with pytest.raises(ValueError, match=r"x \[M, K\] and w \[K, N\], got \(32, 256\) and "
+                                       r"\(255, 64\)"):  # never a silently dropped column
+    fp8.fp8_matmul(x, w[:255])
+  with pytest.raises(ValueError, match="float operands"):
+    fp8.fp8_matmul(jnp.ones((4, 8), jnp.int32), w[:8])
+  with pytest.raises(ValueError, match="do not fit the equation"):
+    fp8.fp8_einsum("mk,kn->mn", x, w[:255])
 
 
 def test_it_jits_and_takes_gradients_through_a_loss():
