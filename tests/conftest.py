@@ -5,6 +5,7 @@ In-process tests see 8 fake CPU devices (mesh tests need them; everything else r
 """
 
 import functools
+import gc
 import os
 
 import glob  # noqa: E402
@@ -45,3 +46,14 @@ def make_model():
     return _cached_model(preset, seed, tuple(sorted(overrides.items())))
 
   return make
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+  """Drop JAX's compiled programs after each test file. Every XLA:CPU executable keeps its
+  machine code in its own memory mappings; one xdist worker running half the suite (eager
+  module calls compile op by op) passed the kernel's limit of 65,530 mappings per process
+  (vm.max_map_count), and the next compile died with a segmentation fault."""
+  yield
+  jax.clear_caches()
+  gc.collect()
