@@ -31,7 +31,8 @@ PEAK_FLOPS = {  # dense bf16 FLOP/s per device, by substring of jax's device_kin
 
 
 def measure_cpu_peak(size: int = 1024, repeats: int = 5) -> float:
-  """Best float32 matmul FLOP/s of this host (what 'peak' means for a CPU run)."""
+  """Best float32 matmul FLOP/s of this host over ``repeats`` runs of a [size, size] matmul
+  (moves with machine load; ``cpu_peak_flops`` fixes it per CPU model)."""
   a = jnp.ones((size, size), jnp.float32)
   mm = jax.jit(lambda x: x @ x)
   mm(a).block_until_ready()
@@ -43,8 +44,54 @@ def measure_cpu_peak(size: int = 1024, repeats: int = 5) -> float:
   return 2 * size ** 3 / best
 
 
+# Float32 FLOP/s per core that a matmul reaches on an idle host (best of 3 x 20 runs of the
+# probe below at sizes 512, 1024 and 2048), by /proc/cpuinfo (vendor_id, cpu family, model).
+# A hypervisor hides the model name and the boost clock, so the data-sheet arithmetic (cores x
+# clock x FLOPs per cycle) is unreliable there; a measured figure fixed per CPU model does not
+# move with machine load the way a probe at start-up does (0.10 to 0.41 TFLOP/s on the 2-core
+# host below while tests ran). Add a row with ``python -m deepseek_jax.train.metrics``.
+CPU_PEAK_FLOPS_PER_CORE = {
+    ("AuthenticAMD", 26, 2): 205e9,  # AMD EPYC (Zen 5, AVX-512) under KVM, 2 cores
+}
+
+
+def _cpuinfo() -> dict:
+  """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      text = f.read().split("\n\n")[0]
+  except OSError:
+    return {}
+  return dict((k.strip(), v.strip()) for k, _, v in
+              (line.partition(":") for line in text.splitlines()) if k.strip())
+
+
+def cpu_model_key(info: dict | None = None):
+  """(vendor_id, cpu family, model) of this host, the key of ``CPU_PEAK_FLOPS_PER_CORE``."""
+  info = _cpuinfo() if info is None else info
+  try:
+    return info["vendor_id"], int(info["cpu family"]), int(info["model"])
+  except (KeyError, ValueError):
+    return None
+
+
+def cpu_peak_flops(cpus: int | None = None) -> tuple[float, str]:
+  """(float32 FLOP/s of the ``cpus`` cores this process may use, where it came from): the
+  fixed per-core figure of ``CPU_PEAK_FLOPS_PER_CORE`` for this CPU model, else the best of
+  3 x 20 probe runs (512, 1024, 2048) measured now."""
+  cpus = cpus or len(os.sched_getaffinity(0))
+  key = cpu_model_key()
+  if key in CPU_PEAK_FLOPS_PER_CORE:
+    return (CPU_PEAK_FLOPS_PER_CORE[key] * cpus,
+            f"f32 matmul, fixed figure for {key[0]} family {key[1]} model {key[2]}, {cpus} cores")
+  best = max(measure_cpu_peak(size, repeats=20) for size in (512, 1024, 2048))
+  return best, f"f32 matmul, best of 60 probe runs now ({cpus} cores)"
+
+
 def device_peak_flops(override: float = 0.0) -> tuple[float, str]:
-  """(peak FLOP/s per device, where the number came from)."""
+  """(peak FLOP/s per device, where the number came from). Accelerators: the dense bf16 spec
+  of ``PEAK_FLOPS``. CPU: ``cpu_peak_flops`` split over the host's CPU devices. ``override``
+  > 0 (``metrics.peak_flops_per_device``) wins."""
   if override > 0:
     return override, "config"
   kind = jax.devices()[0].device_kind
@@ -52,7 +99,9 @@ def device_peak_flops(override: float = 0.0) -> tuple[float, str]:
     if name.lower() in kind.lower():
       return peak, f"{name} bf16 spec"
   if jax.default_backend() == "cpu":
-    return measure_cpu_peak(), "measured f32 matmul"
+    n = max(len(jax.local_devices()), 1)
+    peak, source = cpu_peak_flops()
+    return peak / n, source + (f" / {n} devices" if n > 1 else "")
   return 0.0, f"unknown device {kind!r}"
 
 
@@ -253,3 +302,11 @@ def say(message: str) -> None:
   """Print on process 0 only."""
   if jax.process_index() == 0:
     print(message, file=sys.stdout, flush=True)
+
+
+if __name__ == "__main__":
+  # Measure this host's row of CPU_PEAK_FLOPS_PER_CORE (run it on an idle machine).
+  cpus = len(os.sched_getaffinity(0))
+  best = max(measure_cpu_peak(size, repeats=20) for size in (512, 1024, 2048) for _ in range(3))
+  print(f"{cpu_model_key()}: {best / cpus / 1e9:.0f}e9,  # {host_cpu_name()}, {cpus} cores, "
+        f"best f32 matmul {best / 1e12:.3f} TFLOP/s")

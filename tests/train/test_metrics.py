@@ -88,3 +88,24 @@ def test_held_out_evaluations_are_their_own_records(tmp_path):
   assert record == {"step": 10, "eval_loss": 2.0, "eval_perplexity": 7.389, "eval_tokens": 640}
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert lines[-1] == record and "eval_loss" not in lines[0]
+
+
+def test_the_cpu_peak_for_mfu_is_a_fixed_figure_per_cpu_model(monkeypatch):
+  """MFU's CPU peak does not move with machine load: a known CPU model gets its fixed per-core
+  figure times the cores this process may use; an unknown one the best of 60 probe runs; the
+  config override wins over both."""
+  from deepseek_jax.train import metrics
+  info = {"vendor_id": "GenuineTest", "cpu family": "7", "model": "3"}
+  monkeypatch.setattr(metrics, "_cpuinfo", lambda: info)
+  monkeypatch.setitem(metrics.CPU_PEAK_FLOPS_PER_CORE, ("GenuineTest", 7, 3), 100e9)
+  calls = []
+  monkeypatch.setattr(metrics, "measure_cpu_peak",
+                      lambda size, repeats: calls.append((size, repeats)) or 1e9 * size)
+  peak, source = metrics.cpu_peak_flops(cpus=4)
+  assert peak == 400e9 and "GenuineTest family 7 model 3, 4 cores" in source and not calls
+  info["model"] = "4"  # not in the table: measured now, the best of the probes
+  peak, source = metrics.cpu_peak_flops(cpus=4)
+  assert peak == 2048e9 and "best of 60" in source
+  assert sorted(calls) == [(512, 20), (1024, 20), (2048, 20)]
+  assert metrics.device_peak_flops(override=5e12) == (5e12, "config")
+  assert metrics.cpu_model_key({"vendor_id": "x"}) is None
