@@ -15,6 +15,7 @@ The HF side needs `pip install -e ".[hf]"`.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import resource
@@ -32,6 +33,8 @@ _WARMUP = flags.DEFINE_integer("warmup", 3, "untimed steps (compilation, allocat
 _MTP = flags.DEFINE_bool("mtp", False, "keep our MTP module (HF has none)")
 _HF = flags.DEFINE_bool("hf", True, "also time HF transformers (torch, CPU)")
 _DTYPE = flags.DEFINE_string("dtype", None, "our activation dtype (default: the preset's)")
+_SET = flags.DEFINE_multi_string("set", [], "a ModelConfig override field=value for our side, "
+                                  "e.g. --set=scan_layers=False (repeatable)")
 _ONLY = flags.DEFINE_enum("only", None, ["jax", "hf"], "internal: run one side, print JSON")
 
 
@@ -42,6 +45,14 @@ def _model_config():
     overrides["n_mtp_modules"] = 0
   if _DTYPE.value:
     overrides["dtype"] = _DTYPE.value
+  for item in _SET.value:
+    field, sep, value = item.partition("=")
+    if not sep or field not in ModelConfig.__dataclass_fields__:
+      raise SystemExit(f"error: --set={item!r}: expected field=value with a ModelConfig field")
+    try:
+      overrides[field] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      overrides[field] = value  # a bare string such as tiled
   return ModelConfig.preset(_PRESET.value, **overrides)
 
 
@@ -143,6 +154,7 @@ def main(argv):
   cpu = host_cpu_name()
   print(f"# bench_train: preset={cfg.name} batch={_BATCH.value} seq_len={_SEQ.value} "
         f"dtype={cfg.dtype} mtp={'on' if cfg.n_mtp_modules else 'off'} "
+        f"{' '.join('--set=' + s for s in _SET.value) + ' ' if _SET.value else ''}"
         f"({analytics.summary(cfg, _SEQ.value).splitlines()[0]})")
   print(f"# hardware: {ours['platform']}:{ours['device']} x{ours['devices']}, host CPU {cpu}, "
         f"{os.cpu_count()} cores; jax {ours['jax']}; MFU peak {peak / 1e12:.2f} TFLOP/s "

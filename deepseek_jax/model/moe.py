@@ -252,6 +252,17 @@ def capacity_keep(buckets: jax.Array, priority: jax.Array, n_buckets: int, capac
   return rank < capacity
 
 
+def sort_assignments(experts: jax.Array, n_experts: int, rows: int):
+  """The T*K assignments ``experts`` [T, K] sorted by expert, without scatters (XLA:CPU runs
+  scatters as loops): (order [M] slots in expert order, rank [M] sorted position of each slot,
+  bounds [E+1] group boundaries clipped to the first ``rows``). Ids >= E (unused slots) sort
+  past every group."""
+  flat_expert = experts.reshape(-1)
+  order = jnp.argsort(flat_expert, stable=True)
+  bounds = jnp.searchsorted(flat_expert[order], jnp.arange(n_experts + 1), side="left")
+  return order, jnp.argsort(order), jnp.minimum(bounds, rows)
+
+
 def expert_ffn(x, experts, weights, w_gate, w_up, w_down, *, impl="auto", max_rows=None,
                fmt: MatmulFormat = BF16):
   """Sorted grouped-matmul expert FFNs: x [T, D] -> (sum_k w_k FFN_{e_k}(x) [T, D], overflow).
@@ -266,14 +277,9 @@ def expert_ffn(x, experts, weights, w_gate, w_up, w_down, *, impl="auto", max_ro
   t, top_k = experts.shape
   n_experts, m = w_gate.shape[0], t * top_k
   rows = m if max_rows is None else min(max_rows, m)
-  flat_expert = experts.reshape(-1)
-  # Sorting, counting and un-sorting without scatters (XLA:CPU runs scatters as loops).
-  order = jnp.argsort(flat_expert, stable=True)
-  bounds = jnp.searchsorted(flat_expert[order], jnp.arange(n_experts + 1), side="left")
-  bounds = jnp.minimum(bounds, rows)  # unused slots (id >= E) sort past every group
+  order, rank, bounds = sort_assignments(experts, n_experts, rows)
   group_sizes = (bounds[1:] - bounds[:-1]).astype(jnp.int32)
-  overflow = jnp.sum(flat_expert < n_experts) - bounds[-1]
-  rank = jnp.argsort(order)  # [M] sorted position of each slot
+  overflow = jnp.sum(experts < n_experts) - bounds[-1]
   computed = (rank < bounds[-1]).reshape(t, top_k)
   x, w_gate, w_up, w_down = _same_varying_axes(x, w_gate, w_up, w_down)
   kernel = fmt.kernel == "mosaic_gpu" and fmt.name == "fp8_blockwise"
@@ -310,6 +316,33 @@ def _same_varying_axes(*values):
                                    if union - v else a for a, v in zip(arrays, varying)])
 
 
+class TilePlan(NamedTuple):
+  """Where each assignment goes in tile space (``tile_plan``): N tiles of B rows, each tile one
+  expert's; the slot N*B is a zero row (padding reads it) and T*K an unused assignment."""
+
+  tile_group: jax.Array  # [N] expert of each tile
+  token_of_slot: jax.Array  # [N*B] token read by each slot (T: a zero row)
+  slot_of_assignment: jax.Array  # [T, K] slot of each assignment (N*B: not computed)
+  assignment_of_slot: jax.Array  # [N*B] assignment held by each slot (T*K: none)
+
+
+def tile_plan(order, rank, group_sizes, n_tokens: int, top_k: int, tile: int) -> TilePlan:
+  """The tile-space layout of the assignments sorted by expert: ``order`` [rows] lists the
+  computed slots in expert order, ``rank`` [M] each slot's sorted position, ``group_sizes`` [E]
+  the rows of each expert; ``tile`` rows per tile (static)."""
+  rows, n_experts = order.shape[0], group_sizes.shape[0]
+  layout = tile_layout(group_sizes, rows, n_experts, tile)
+  n_slots = layout.rows.shape[0]
+  slot_of_sorted = jnp.concatenate([jnp.where(layout.valid, layout.slot, n_slots),
+                                    jnp.full((1,), n_slots)])  # past the groups -> zero row
+  slot_of_assignment = slot_of_sorted[jnp.minimum(rank, rows)]  # [M]
+  m = n_tokens * top_k
+  assignment_of_slot = jnp.concatenate([order, jnp.array([m])])[layout.rows]
+  token_of_slot = jnp.where(assignment_of_slot < m, assignment_of_slot // top_k, n_tokens)
+  return TilePlan(layout.tile_group, token_of_slot, slot_of_assignment.reshape(n_tokens, top_k),
+                  assignment_of_slot)
+
+
 def _tiled_expert_ffn(x, order, rank, group_sizes, top_k, w_gate, w_up, w_down, fmt=BF16,
                       tile=None):
   """The whole SwiGLU in tile space (CPU): one gather of tokens into expert tiles, three tile
@@ -318,23 +351,19 @@ def _tiled_expert_ffn(x, order, rank, group_sizes, top_k, w_gate, w_up, w_down, 
   silu(0) * 0 = 0 keeps them zero through the FFN."""
   (t, d), rows, n_experts = x.shape, order.shape[0], w_gate.shape[0]
   tile = tile or default_tile(rows, n_experts)
-  layout = tile_layout(group_sizes, rows, n_experts, tile)
-  n_slots = layout.rows.shape[0]
-  slot_of_sorted = jnp.concatenate([jnp.where(layout.valid, layout.slot, n_slots),
-                                    jnp.full((1,), n_slots)])  # past the groups -> zero row
-  slot_of_assignment = slot_of_sorted[jnp.minimum(rank, rows)]  # [M]
-  assignment_of_slot = jnp.concatenate([order, jnp.array([t * top_k])])[layout.rows]
-  token_of_slot = jnp.where(assignment_of_slot < t * top_k, assignment_of_slot // top_k, t)
-  x_tiles = gather_rows(x, token_of_slot, slot_of_assignment.reshape(t, top_k))
+  plan = tile_plan(order, rank, group_sizes, t, top_k, tile)
+  n_slots = plan.token_of_slot.shape[0]
+  x_tiles = gather_rows(x, plan.token_of_slot, plan.slot_of_assignment)
   x_tiles = x_tiles.reshape(-1, tile, d)
   # FP8 Wgrad chunks: 128 // tile tiles (the tile divides 128), restarting at each expert.
-  kw = dict(dtype=x.dtype, product=tile_matmul, product_args=(layout.tile_group,), fmt=fmt,
-            chunk_starts=chunk_starts(layout.tile_group, FP8_BLOCK // tile) if fmt.fp8 else None,
+  kw = dict(dtype=x.dtype, product=tile_matmul, product_args=(plan.tile_group,), fmt=fmt,
+            chunk_starts=chunk_starts(plan.tile_group, FP8_BLOCK // tile) if fmt.fp8 else None,
             fp8_forward=mosaic_gpu_grouped_gemm if fmt.kernel == "mosaic_gpu" else None)
   gate = weight_matmul("NBD,EDF->NBF", x_tiles, w_gate, **kw)
   up = weight_matmul("NBD,EDF->NBF", x_tiles, w_up, **kw)
   y_tiles = weight_matmul("NBF,EFD->NBD", jax.nn.silu(gate) * up, w_down, **kw)
-  out = gather_rows(y_tiles.reshape(n_slots, d), slot_of_assignment, assignment_of_slot[:, None])
+  out = gather_rows(y_tiles.reshape(n_slots, d), plan.slot_of_assignment.reshape(-1),
+                    plan.assignment_of_slot[:, None])
   return out.reshape(t, top_k, d)
 
 

@@ -48,10 +48,11 @@ def measure_cpu_peak(size: int = 1024, repeats: int = 5) -> float:
 # probe below at sizes 512, 1024 and 2048), by /proc/cpuinfo (vendor_id, cpu family, model).
 # A hypervisor hides the model name and the boost clock, so the data-sheet arithmetic (cores x
 # clock x FLOPs per cycle) is unreliable there; a measured figure fixed per CPU model does not
-# move with machine load the way a probe at start-up does (0.10 to 0.41 TFLOP/s on the 2-core
-# host below while tests ran). Add a row with ``python -m deepseek_jax.train.metrics``.
+# move with machine load the way a 5-run probe at start-up did (0.10 to 0.41 TFLOP/s on the
+# 2-core host below while other jobs ran; 0.51 idle). Add a row with
+# ``python -m deepseek_jax.train.metrics`` on an idle machine.
 CPU_PEAK_FLOPS_PER_CORE = {
-    ("AuthenticAMD", 26, 2): 205e9,  # AMD EPYC (Zen 5, AVX-512) under KVM, 2 cores
+    ("AuthenticAMD", 26, 2): 255e9,  # AMD EPYC (Zen 5, AVX-512) under KVM: 0.51 TFLOP/s on 2 cores
 }
 
 
