@@ -27,29 +27,14 @@ VARIANTS = (("bf16", False), ("fp8_blockwise", False), ("fp8_blockwise", True),
 
 def compiled_memory(fmt: str, cache: bool) -> dict:
   """XLA's memory analysis of the compiled train step for one variant (bytes)."""
-  import jax
-  import jax.numpy as jnp
   from deepseek_jax.config import ModelConfig
-  from deepseek_jax.parallel.mesh import make_mesh
-  from deepseek_jax.parallel.partitioning import batch_sharding, get_rules
-  from deepseek_jax.train.config import default_config
-  from deepseek_jax.train.optimizer import make_optimizer
-  from deepseek_jax.train.step import StepOptions, init_train_state, jit_train_step
+  from deepseek_jax.train.step import benchmark_train_step
 
   cfg = ModelConfig.preset(_PRESET.value, dtype=_DTYPE.value, matmul_format=fmt,
                            fp8_cache_inputs=cache,
                            max_seq_len=max(ModelConfig.preset(_PRESET.value).max_seq_len,
                                            _SEQ.value))
-  opt = default_config().optimizer
-  opt.total_steps = 1000
-  tx = make_optimizer(opt)
-  mesh, rules = make_mesh(dict(fsdp=-1)), get_rules("fsdp")
-  graphdef, state, sh = init_train_state(cfg, tx, mesh, rules, seed=0)
-  step = jit_train_step(cfg, graphdef, tx, StepOptions(), sh, mesh, rules)
-  shape = (_BATCH.value, _SEQ.value)
-  batch = jax.device_put({"inputs": jnp.zeros(shape, jnp.int32),
-                          "targets": jnp.zeros(shape, jnp.int32),
-                          "mask": jnp.ones(shape, jnp.float32)}, batch_sharding(mesh, rules))
+  step, state, batch = benchmark_train_step(cfg, _BATCH.value, _SEQ.value)
   mem = step.lower(state, batch).compile().memory_analysis()
   return {"temp": mem.temp_size_in_bytes, "arguments": mem.argument_size_in_bytes}
 

@@ -65,27 +65,14 @@ def run_jax() -> dict:
   from deepseek_jax.cli import set_cpu_xla_flags
   set_cpu_xla_flags()  # the same XLA flags as experiments/train.py
   import jax
-  import jax.numpy as jnp
-  from deepseek_jax.parallel.mesh import make_mesh
-  from deepseek_jax.parallel.partitioning import batch_sharding, get_rules
-  from deepseek_jax.train.config import default_config
-  from deepseek_jax.train.optimizer import make_optimizer, piecewise_constant
   from deepseek_jax.train.metrics import median_seconds
-  from deepseek_jax.train.step import StepOptions, init_train_state, jit_train_step
+  from deepseek_jax.train.optimizer import piecewise_constant
+  from deepseek_jax.train.step import StepOptions, benchmark_train_step
 
   cfg = _model_config()
-  opt = default_config().optimizer
-  opt.total_steps = 1000
-  tx = make_optimizer(opt)
-  mesh, rules = make_mesh(dict(fsdp=-1)), get_rules("fsdp")
-  graphdef, state, sh = init_train_state(cfg, tx, mesh, rules, seed=0)
-  step_fn = jit_train_step(cfg, graphdef, tx,
-                           StepOptions(router_bias_rate=piecewise_constant(((0, 0.001),))),
-                           sh, mesh, rules)
-  seq = _tokens(cfg.vocab_size)
-  batch = jax.device_put({"inputs": jnp.asarray(seq[:, :-1]), "targets": jnp.asarray(seq[:, 1:]),
-                          "mask": jnp.ones(seq[:, 1:].shape, jnp.float32)},
-                         batch_sharding(mesh, rules))
+  step_fn, state, batch = benchmark_train_step(
+      cfg, _BATCH.value, _SEQ.value,
+      options=StepOptions(router_bias_rate=piecewise_constant(((0, 0.001),))))
   holder = {"state": state}
 
   def step():

@@ -21,10 +21,12 @@ batch axes, heads over "tensor".
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from deepseek_jax.model.layers import RMSNorm, normal_param
@@ -124,15 +126,57 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
   """softmax(q k^T * scale) v with grouped heads: q [B,T,N,H], k [B,S,K,H], v [B,S,K,V]."""
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
-  if kv_heads == n:  # MHA / expanded MLA: plain 4-D contractions, no group axis to transpose
-    scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * scale
-    probs = masked_softmax(scores, mask)
-    return jnp.einsum("BNTS,BSNV->BTNV", probs.astype(v.dtype), v)
+  if kv_heads == n:  # MHA / expanded MLA: head-major contractions, probabilities recomputed
+    return _head_major_attention(q, k, v, mask, scale)
   q = q.reshape(b, t, kv_heads, n // kv_heads, h)
   scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
   probs = masked_softmax(scores, mask[:, :, None])
   out = jnp.einsum("BKGTS,BSKV->BTKGV", probs.astype(v.dtype), v)
   return out.reshape(b, t, n, v.shape[-1])
+
+
+def _attention_forward(q, k, v, mask, scale):
+  """softmax(q k^T * scale) v on head-major copies [B,N,T,.] (canonical batched matmuls, which
+  XLA:CPU runs several times faster than the token-major forms); returns the output
+  [B,T,N,V] and the residuals, which keep each row's max and sum [B,N,T,1] (not their
+  log-sum-exp: for a fully masked row, min + log(S) rounds back to min), not the
+  probabilities [B,N,T,S]."""
+  qt, kt, vt = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
+  scores = jnp.einsum("BNTH,BNSH->BNTS", qt, kt, preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  peak = scores.max(-1, keepdims=True)
+  unnormalised = jnp.exp(scores - peak)
+  total = unnormalised.sum(-1, keepdims=True)
+  out = jnp.einsum("BNTS,BNSV->BNTV", (unnormalised / total).astype(v.dtype), vt)
+  return jnp.swapaxes(out, 1, 2), (qt, kt, vt, mask, out, peak, total)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _head_major_attention(q, k, v, mask, scale):
+  """``attend`` for as many key/value heads as query heads, with a flash-attention-style
+  backward: the probabilities are recomputed from the saved row max and sum instead of kept
+  from the forward pass (a [B,N,T,S] float32 array per layer)."""
+  return _attention_forward(q, k, v, mask, scale)[0]
+
+
+def _head_major_attention_bwd(scale, residuals, d_out):
+  qt, kt, vt, mask, out, peak, total = residuals
+  scores = jnp.einsum("BNTH,BNSH->BNTS", qt, kt, preferred_element_type=jnp.float32) * scale
+  probs = jnp.exp(jnp.where(mask, scores, jnp.finfo(jnp.float32).min) - peak) / total
+  d_out = jnp.swapaxes(d_out, 1, 2)
+  dv = jnp.einsum("BNTS,BNTV->BNSV", probs.astype(d_out.dtype), d_out,
+                  preferred_element_type=jnp.float32)
+  d_probs = jnp.einsum("BNTV,BNSV->BNTS", d_out, vt, preferred_element_type=jnp.float32)
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
+  d_scores = jnp.where(mask, probs * (d_probs - delta) * scale, 0.0)  # no gradient past the mask
+  dq = jnp.einsum("BNTS,BNSH->BNTH", d_scores, kt.astype(jnp.float32))
+  dk = jnp.einsum("BNTS,BNTH->BNSH", d_scores, qt.astype(jnp.float32))
+  grads = [jnp.swapaxes(g, 1, 2).astype(a.dtype) for g, a in ((dq, qt), (dk, kt), (dv, vt))]
+  return (*grads, np.zeros(mask.shape, jax.dtypes.float0))
+
+
+_head_major_attention.defvjp(lambda q, k, v, mask, scale: _attention_forward(q, k, v, mask, scale),
+                             _head_major_attention_bwd)
 
 
 def self_attention_mask(positions, segment_ids, cache_len: Optional[int]) -> jax.Array:
