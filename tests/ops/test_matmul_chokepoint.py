@@ -169,3 +169,25 @@ def test_the_grouped_mosaic_gpu_kernel_adapter_is_the_quantised_tile_product():
   want = tile_matmul(fp8.fake_quant_tiles(x_tiles), fp8.fake_quant_blocks(w), tile_group)
   assert got.shape == (5, 128, 136) and got.dtype == jnp.float32
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("eqn,x_shape,w_shape", [
+    ("BTD,DF->BTF", (2, 3, 4), (4, 5)),            # merged: B, T
+    ("BSC,CNH->BSNH", (2, 3, 4), (4, 2, 3)),       # merged: B, S; two weight axes out
+    ("BTNV,NVD->BTD", (2, 3, 2, 4), (2, 4, 5)),    # merged: B, T; N, V contracted
+    ("BTNH,CNH->BTNC", (2, 3, 2, 4), (5, 2, 4)),   # merged: B, T; N kept as a batch axis
+    ("TD,DE->TE", (3, 4), (4, 5)),                 # one leading axis: nothing to merge
+])
+def test_weight_matmul_with_merged_leading_axes_is_the_einsum(eqn, x_shape, w_shape):
+  """The chokepoint merges the activation's leading free axes into one row axis (XLA:CPU runs
+  the 2-D products faster); values and both gradients are the einsum's."""
+  kx, kw, kc = jax.random.split(jax.random.key(0), 3)
+  x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+  ours = lambda x, w: matmul.weight_matmul(eqn, x, w, dtype=jnp.float32)
+  ref = lambda x, w: jnp.einsum(eqn, x, w)
+  out, vjp = jax.vjp(ours, x, w)
+  want, vjp_want = jax.vjp(ref, x, w)
+  assert out.shape == want.shape
+  ct = jax.random.normal(kc, out.shape)
+  for got, exp in zip((out, *vjp(ct)), (want, *vjp_want(ct))):
+    np.testing.assert_allclose(got, exp, rtol=1e-6, atol=1e-6)
