@@ -32,6 +32,67 @@ def set_cpu_xla_flags() -> None:
   os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
 
 
+# glibc's malloc gives buffers above its mmap threshold back to the kernel when they are freed, so
+# XLA:CPU's large temporaries are fresh 4 KiB pages again on every step: ~200k page faults and a
+# quarter of the CPU time in the kernel for one small-preset train step (2-core EPYC). With this
+# tunable (glibc >= 2.35) malloc asks for transparent huge pages for them, 2 MiB per fault: the
+# step runs ~20% faster. It only matters where THP is in "madvise" mode (the usual default).
+HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+HUGEPAGE_OPT_OUT = "DEEPSEEK_JAX_HUGEPAGES"  # =0: do not restart with the tunable
+
+
+def _thp_mode() -> str:
+  """The kernel's transparent-huge-page mode ("always", "madvise", "never"; "" if unknown)."""
+  try:
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+      text = f.read()
+  except OSError:
+    return ""
+  start, end = text.find("["), text.find("]")
+  return text[start + 1:end] if 0 <= start < end else ""
+
+
+def _glibc_version() -> tuple[int, ...]:
+  """(major, minor) of the C library when it is glibc, else ()."""
+  try:
+    name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+  except (ValueError, OSError, AttributeError):
+    return ()
+  return tuple(int(v) for v in version.split(".")[:2]) if name == "glibc" else ()
+
+
+def huge_page_environment(environ, thp_mode: Optional[str] = None,
+                          glibc: Optional[tuple[int, ...]] = None) -> Optional[dict]:
+  """The environment to restart an entry point with so that malloc uses transparent huge pages
+  (``HUGEPAGE_TUNABLE`` appended to GLIBC_TUNABLES), or None when it would change nothing: THP
+  not in madvise mode, not glibc >= 2.35, the tunable already set, or the user opted out with
+  DEEPSEEK_JAX_HUGEPAGES=0. ``thp_mode`` and ``glibc`` default to this host's."""
+  thp_mode = _thp_mode() if thp_mode is None else thp_mode
+  glibc = _glibc_version() if glibc is None else glibc
+  if thp_mode != "madvise" or glibc < (2, 35) or environ.get(HUGEPAGE_OPT_OUT, "1") == "0":
+    return None
+  tunables = environ.get("GLIBC_TUNABLES", "")
+  if "glibc.malloc.hugetlb" in tunables:
+    return None
+  return {**environ, "GLIBC_TUNABLES": ":".join(t for t in (tunables, HUGEPAGE_TUNABLE) if t)}
+
+
+def use_huge_pages() -> None:
+  """Restart this process with malloc on transparent huge pages (``huge_page_environment``), for
+  the entry points: call it first in ``if __name__ == "__main__":``. GLIBC_TUNABLES is read only
+  when a process starts, hence the restart (same interpreter and arguments, same pid). Does
+  nothing when the tunable would change nothing, or for a program read from stdin or an
+  interactive session (nothing to restart)."""
+  argv = getattr(sys, "orig_argv", [])
+  if sys.platform != "linux" or len(argv) < 2 or argv[1] == "-":
+    return
+  env = huge_page_environment(os.environ)
+  if env is not None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *argv[1:]], env)
+
+
 def skip_absent_tpu() -> Optional[str]:
   """With libtpu installed (the test extra) on a host without TPU chips, JAX would try to start
   a TPU backend in every run and print a screenful of libtpu errors. Unless the user chose

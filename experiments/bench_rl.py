@@ -135,4 +135,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  cli.use_huge_pages()  # restarts once, with malloc on transparent huge pages
   app.run(main, flags_parser=cli.parse_flags)

@@ -24,6 +24,12 @@ if importlib.util.find_spec("libtpu") and not glob.glob("/dev/accel*") + glob.gl
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402
 
+from deepseek_jax import cli  # noqa: E402
+
+# The xdist workers and the subprocesses tests launch inherit this environment: malloc on
+# transparent huge pages, as the entry points restart themselves with (cli.use_huge_pages).
+os.environ.update(cli.huge_page_environment(os.environ) or {})
+
 from deepseek_jax.config import ModelConfig  # noqa: E402
 from deepseek_jax.model.transformer import create_model  # noqa: E402
 

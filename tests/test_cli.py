@@ -1,6 +1,10 @@
-"""Every failure of an entry point is one ``error:`` line (run_cli)."""
+"""Every failure of an entry point is one ``error:`` line (run_cli); entry points restart with
+malloc on transparent huge pages (use_huge_pages)."""
 
 import errno
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -59,3 +63,38 @@ def test_an_absent_tpu_is_left_out_only_when_libtpu_is_installed_and_no_choice_w
   installed.clear()  # no libtpu: nothing to do
   monkeypatch.setattr(glob, "glob", lambda pattern: [])
   assert cli.platforms_without_absent_tpu() is None
+
+
+@pytest.mark.parametrize("environ, thp, glibc, expected", [
+    ({}, "madvise", (2, 36), "glibc.malloc.hugetlb=1"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "madvise", (2, 35),
+     "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),  # the user's tunables are kept
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "madvise", (2, 36), None),  # user's choice
+    ({"DEEPSEEK_JAX_HUGEPAGES": "0"}, "madvise", (2, 36), None),  # opted out
+    ({}, "always", (2, 36), None),  # every large buffer gets huge pages already
+    ({}, "never", (2, 36), None),
+    ({}, "madvise", (2, 34), None),  # no such tunable before glibc 2.35
+    ({}, "madvise", (), None),  # not glibc (musl, macOS)
+])
+def test_huge_page_environment_adds_the_malloc_tunable_only_where_it_changes_something(
+    environ, thp, glibc, expected):
+  env = cli.huge_page_environment(environ, thp, glibc)
+  if expected is None:
+    assert env is None
+  else:
+    assert env == {**environ, "GLIBC_TUNABLES": expected}
+
+
+def test_an_entry_point_restarts_once_with_the_tunable_and_its_arguments(tmp_path):
+  if cli.huge_page_environment({}) is None:
+    pytest.skip("this host's malloc or kernel gains nothing from the tunable")
+  script = tmp_path / "entry.py"
+  script.write_text("import os, sys\nfrom deepseek_jax.cli import use_huge_pages\n"
+                    "print('start', os.getpid(), flush=True)\nuse_huge_pages()\n"
+                    "print('run', os.getpid(), sys.argv[1:], os.environ['GLIBC_TUNABLES'])\n")
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  out = subprocess.run([sys.executable, str(script), "--a=1", "b"], env=env, capture_output=True,
+                       text=True, check=True).stdout.split("\n")
+  pid = out[0].split()[1]
+  assert out[:3] == [f"start {pid}", f"start {pid}",
+                     f"run {pid} ['--a=1', 'b'] glibc.malloc.hugetlb=1"]

@@ -225,4 +225,6 @@ def _parse_flags(argv):
 
 
 if __name__ == "__main__":
+  from deepseek_jax.cli import use_huge_pages
+  use_huge_pages()  # restarts once, with malloc on transparent huge pages
   app.run(_main, flags_parser=_parse_flags)

@@ -130,4 +130,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from deepseek_jax.cli import use_huge_pages
+  use_huge_pages()  # restarts once, with malloc on transparent huge pages
   app.run(main)
