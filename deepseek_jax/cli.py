@@ -66,10 +66,12 @@ def huge_page_environment(environ, thp_mode: Optional[str] = None,
   """The environment to restart an entry point with so that malloc uses transparent huge pages
   (``HUGEPAGE_TUNABLE`` appended to GLIBC_TUNABLES), or None when it would change nothing: THP
   not in madvise mode, not glibc >= 2.35, the tunable already set, or the user opted out with
-  DEEPSEEK_JAX_HUGEPAGES=0. ``thp_mode`` and ``glibc`` default to this host's."""
+  DEEPSEEK_JAX_HUGEPAGES=0 (or false / no / off). ``thp_mode`` and ``glibc`` default to this
+  host's."""
   thp_mode = _thp_mode() if thp_mode is None else thp_mode
   glibc = _glibc_version() if glibc is None else glibc
-  if thp_mode != "madvise" or glibc < (2, 35) or environ.get(HUGEPAGE_OPT_OUT, "1") == "0":
+  opted_out = environ.get(HUGEPAGE_OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off")
+  if thp_mode != "madvise" or glibc < (2, 35) or opted_out:
     return None
   tunables = environ.get("GLIBC_TUNABLES", "")
   if "glibc.malloc.hugetlb" in tunables:
@@ -77,15 +79,32 @@ def huge_page_environment(environ, thp_mode: Optional[str] = None,
   return {**environ, "GLIBC_TUNABLES": ":".join(t for t in (tunables, HUGEPAGE_TUNABLE) if t)}
 
 
+def restartable() -> bool:
+  """Whether this process can be restarted as it was started: a script file run by the
+  interpreter (``python [options] script.py args``, the script still found from the current
+  folder), not code from stdin, ``-c``, ``-m``, a debugger, a tracer or an IPython / Jupyter
+  session (whose state a restart would lose)."""
+  script, argv = sys.argv[0] if sys.argv else "", getattr(sys, "orig_argv", [])
+  if sys.platform != "linux" or script in ("", "-", "-c") or script not in argv[1:]:
+    return False
+  if "-m" in argv[1:argv.index(script, 1)]:  # python -m pdb / cProfile / debugpy script.py
+    return False
+  if not os.path.isfile(script) or sys.gettrace() is not None:
+    return False
+  ipython = sys.modules.get("IPython")  # imported by libraries too: is a session running?
+  return not (ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None)
+
+
 def use_huge_pages() -> None:
   """Restart this process with malloc on transparent huge pages (``huge_page_environment``), for
   the entry points: call it first in ``if __name__ == "__main__":``. GLIBC_TUNABLES is read only
   when a process starts, hence the restart (same interpreter and arguments, same pid). Does
-  nothing when the tunable would change nothing, or for a program read from stdin or an
-  interactive session (nothing to restart)."""
-  argv = getattr(sys, "orig_argv", [])
-  if sys.platform != "linux" or len(argv) < 2 or argv[1] == "-":
+  nothing when the tunable would change nothing or the process is not ``restartable``. A
+  profiler that follows the pid (py-spy) loses it at the restart: set
+  DEEPSEEK_JAX_HUGEPAGES=0, or GLIBC_TUNABLES=glibc.malloc.hugetlb=1 yourself, when profiling."""
+  if not restartable():
     return
+  argv = sys.orig_argv
   env = huge_page_environment(os.environ)
   if env is not None:
     sys.stdout.flush()

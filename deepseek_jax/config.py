@@ -26,6 +26,7 @@ AttentionImpl = Literal["auto", "xla", "pallas"]
 ScoreFunc = Literal["softmax", "sigmoid"]
 GroupScore = Literal["max", "top2_sum"]
 BalanceScope = Literal["sequence", "batch"]
+BalanceLossForm = Literal["f_p", "p_only", "f_only"]
 ExpertExchange = Literal["auto", "ragged", "padded"]
 GroupedMatmulImpl = Literal["auto", "ragged_dot", "tiled", "megablox", "tokamax"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
@@ -37,6 +38,7 @@ ATTENTION_IMPLS = get_args(AttentionImpl)
 SCORE_FUNCS = get_args(ScoreFunc)
 GROUP_SCORES = get_args(GroupScore)
 BALANCE_SCOPES = get_args(BalanceScope)
+BALANCE_LOSS_FORMS = get_args(BalanceLossForm)
 EXPERT_EXCHANGES = get_args(ExpertExchange)
 GROUPED_MATMUL_IMPLS = get_args(GroupedMatmulImpl)
 REMAT_POLICIES = get_args(RematPolicy)
@@ -93,6 +95,11 @@ class ModelConfig:
   router_bias: bool = False  # auxiliary-loss-free balancing bias (V3 §2.1.2)
   capacity_factor: float | None = None  # None = dropless (V3); V2: 1.0 per device (group)
   balance_loss_scope: BalanceScope = "sequence"  # sequence (V3 sequence-wise, V2 seq_aux) | batch
+  # The expert-level loss's form (review arXiv 2503.11486, open question 2; moe.expert_balance_loss):
+  # f_p = sum_i f_i P_i (V2 / V3); p_only = sum_i E sg(P_i) P_i (the load f_i replaced by the
+  # affinity's E P_i); f_only = sum_i sg(f_i) f~_i / E (f~: f with a straight-through gradient
+  # into the chosen experts' scores). All three equal 1 at perfect balance.
+  balance_loss_form: BalanceLossForm = "f_p"
   expert_balance_coef: float = 0.0  # V3 alpha (1e-4) / V2 alpha_1
   device_balance_coef: float = 0.0  # V2 alpha_2
   comm_balance_coef: float = 0.0  # V2 alpha_3
@@ -280,6 +287,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=32, n_shared_experts=1,
         n_activated_experts=4, moe_ffn_dim=128, routed_scaling_factor=2.5, n_expert_groups=4,
         n_limited_groups=2, expert_balance_coef=1e-4, n_mtp_modules=1, mtp_loss_weight=0.3,
+        init_std=0.02, **_V3_ROUTER),
+    # The studies of experiments/ablations: ~1/4 of small's width, so a study of 12 to 20
+    # short runs finishes in about half an hour on 2 CPU cores.
+    "ablation": dict(
+        vocab_size=512, d_model=128, n_layers=4, n_dense_layers=1, dense_ffn_dim=384,
+        max_seq_len=8192, n_heads=4, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32,
+        qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, n_shared_experts=1,
+        n_activated_experts=2, moe_ffn_dim=64, routed_scaling_factor=2.5, n_expert_groups=4,
+        n_limited_groups=2, expert_balance_coef=1e-4, n_mtp_modules=0, mtp_loss_weight=0.3,
         init_std=0.02, **_V3_ROUTER),
     # DeepSeek-V2-Lite (16B total, 2.4B activated).
     "deepseek-v2-lite": dict(

@@ -98,3 +98,26 @@ def test_an_entry_point_restarts_once_with_the_tunable_and_its_arguments(tmp_pat
   pid = out[0].split()[1]
   assert out[:3] == [f"start {pid}", f"start {pid}",
                      f"run {pid} ['--a=1', 'b'] glibc.malloc.hugetlb=1"]
+
+
+@pytest.mark.parametrize("how", ["stdin", "-c", "-m pdb", "script moved away"])
+def test_a_process_that_cannot_be_restarted_as_started_is_left_alone(tmp_path, how):
+  if cli.huge_page_environment({}) is None:
+    pytest.skip("this host's malloc or kernel gains nothing from the tunable")
+  code = ("import os\nfrom deepseek_jax.cli import use_huge_pages\nprint('start', flush=True)\n"
+          "use_huge_pages()\nprint('run', os.environ.get('GLIBC_TUNABLES'))\n")
+  script = tmp_path / "entry.py"
+  script.write_text(code)
+  command, stdin = {
+      "stdin": ([sys.executable, "-"], code),
+      "-c": ([sys.executable, "-c", code], None),
+      "-m pdb": ([sys.executable, "-m", "pdb", str(script)], "c\nq\n"),  # the debugger's session
+      # a wrapper that changes folder first: the relative script path no longer resolves
+      "script moved away": ([sys.executable, "wrapper.py"], None),
+  }[how]
+  (tmp_path / "wrapper.py").write_text(
+      "import os, runpy\nos.chdir('/')\nrunpy.run_path(%r, run_name='__main__')\n" % str(script))
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  out = subprocess.run(command, input=stdin, env=env, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120).stdout
+  assert out.count("start\n") == 1 and "run None" in out, out

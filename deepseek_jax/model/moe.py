@@ -97,10 +97,12 @@ class ExpertSpec:
 class BalanceSpec:
   """Load balancing: router_bias (V3's auxiliary-loss-free bias b, updated by
   ``update_router_bias``); the balance losses' scope ("sequence" | "batch") and coefficients
-  alpha (expert-level, V3 sequence-wise / V2 alpha_1), alpha_2 (device), alpha_3 (comm)."""
+  alpha (expert-level, V3 sequence-wise / V2 alpha_1), alpha_2 (device), alpha_3 (comm); form
+  of the expert-level loss ("f_p" | "p_only" | "f_only", ``expert_balance_loss``)."""
 
   router_bias: bool = False
   scope: str = "sequence"
+  form: str = "f_p"
   expert_coef: float = 0.0
   device_coef: float = 0.0
   comm_coef: float = 0.0
@@ -209,9 +211,45 @@ def _mean_over_nonempty(per_row: jax.Array, nonempty: jax.Array) -> jax.Array:
   return (per_row * nonempty).sum() / jnp.maximum(nonempty.sum(), 1.0)
 
 
-def expert_balance_loss(f: jax.Array, p: jax.Array) -> jax.Array:
-  """sum_i f_i P_i, averaged over sequences (V3 sequence-wise / V2 expert-level, before alpha)."""
-  return _mean_over_nonempty((f * p).sum(-1), f.sum(-1) > 0)  # sum_i f_i = E for real rows
+def straight_through_load(scores, experts, mask, scope: str = "sequence") -> jax.Array:
+  """f~ [S, E]: the load fraction f of ``balance_fractions`` in value, with a straight-through
+  gradient: each chosen (token, expert) counts s'/sg(s') (= 1) with s' the normalised affinity,
+  so d f~_i / d s'_{t,i} = E / (K T s'_{t,i}) for the tokens that chose expert i."""
+  scores, experts, mask = (_scoped(a, scope) for a in (scores, experts, mask.astype(jnp.float32)))
+  n_experts, top_k = scores.shape[-1], experts.shape[-1]
+  chosen = jax.nn.one_hot(experts, n_experts, dtype=jnp.float32).sum(-2) * mask[..., None]
+  normalised = scores / scores.sum(-1, keepdims=True)
+  safe = jnp.where(chosen > 0, normalised, 1.0)
+  ratio = safe / jax.lax.stop_gradient(safe)  # 1, carrying d log s'
+  n_tokens = jnp.maximum(mask.sum(-1, keepdims=True), 1.0)
+  return n_experts / (top_k * n_tokens) * (chosen * ratio).sum(1)
+
+
+def expert_balance_loss(f: jax.Array, p: jax.Array, form: str = "f_p",
+                        f_straight_through: jax.Array | None = None) -> jax.Array:
+  """The expert-level balance loss before alpha, averaged over sequences (or the batch), from
+  f, P [S, E] (``balance_fractions``; f carries no gradient, it counts top-k choices):
+
+  - "f_p": sum_i f_i P_i (V2 eq. 23 expert-level, V3 eq. 17-20 sequence-wise);
+  - "p_only": sum_i E sg(P_i) P_i, the load f_i replaced by the affinity's estimate E P_i, so
+    no top-k choice enters (review arXiv 2503.11486, open question 2); gradient E sg(P_i);
+  - "f_only": sum_i sg(f_i) f~_i / E with ``f_straight_through`` f~ (required), the loads alone:
+    each expert's chosen scores are pushed down in proportion to its load f_i.
+
+  All three equal 1 at perfect balance (f_i = 1, P_i = 1/E) and grow with imbalance. Raises
+  ValueError for an unknown form or "f_only" without f~."""
+  if form == "f_p":
+    per_row = (f * p).sum(-1)
+  elif form == "p_only":
+    per_row = (p.shape[-1] * jax.lax.stop_gradient(p) * p).sum(-1)
+  elif form == "f_only":
+    if f_straight_through is None:
+      raise ValueError("expert_balance_loss form 'f_only' needs f_straight_through "
+                       "(straight_through_load)")
+    per_row = (jax.lax.stop_gradient(f) * f_straight_through).sum(-1) / f.shape[-1]
+  else:
+    raise ValueError(f"balance loss form must be 'f_p', 'p_only' or 'f_only', got {form!r}")
+  return _mean_over_nonempty(per_row, f.sum(-1) > 0)  # sum_i f_i = E for real rows
 
 
 def device_balance_loss(f: jax.Array, p: jax.Array, n_devices: int) -> jax.Array:
@@ -530,7 +568,9 @@ class MoE(nnx.Module):
         "dropped": dropped.astype(jnp.float32),
         "overflow": jnp.asarray(overflow, jnp.float32),
         "assignments": flat_mask.sum(),
-        "expert_balance": expert_coef * expert_balance_loss(f, p),
+        "expert_balance": expert_coef * expert_balance_loss(
+            f, p, balance.form, straight_through_load(scores, experts, mask, balance.scope)
+            if balance.form == "f_only" else None),
         "device_balance": device_coef * device_balance_loss(f, p, n_groups),
         "comm_balance": comm_coef * comm_balance_loss(experts, mask, p, n_groups,
                                                       self.routing.n_limited_groups,

@@ -73,6 +73,7 @@ def moe_specs(cfg: ModelConfig, execution: Execution):
       n_limited_groups=cfg.n_limited_groups, group_score=cfg.group_score,
       norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor)
   balance = BalanceSpec(router_bias=cfg.router_bias, scope=cfg.balance_loss_scope,
+                        form=cfg.balance_loss_form,
                         expert_coef=cfg.expert_balance_coef, device_coef=cfg.device_balance_coef,
                         comm_coef=cfg.comm_balance_coef)
   dispatch = DispatchSpec(capacity_factor=cfg.capacity_factor, mode=execution.moe_dispatch,

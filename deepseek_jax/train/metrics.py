@@ -233,6 +233,8 @@ class MetricsLogger:
       record["moe_load_max_over_mean"] = float(load["max_over_mean"].max())
       record["moe_load_min_over_mean"] = float(load["min_over_mean"].min())
       record["moe_load_entropy"] = float(load["entropy"].mean())
+      # this step's assignments per expert [MoE layers][E] (the load heat map of the studies)
+      record["moe_load"] = np.asarray(metrics["expert_load"], np.float64).round(3).tolist()
     if self.main:
       per_layer = {}
       if "expert_load" in metrics:
@@ -249,7 +251,7 @@ class MetricsLogger:
       f.write(json.dumps(record) + "\n")
     if self.writer is not None:
       for key, value in {**record, **(extra_scalars or {})}.items():
-        if key != "step":
+        if key != "step" and np.ndim(value) == 0:
           self.writer.add_scalar(key, value, record["step"])
       self.writer.flush()
 

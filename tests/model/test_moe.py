@@ -308,3 +308,49 @@ def test_the_grouped_mosaic_gpu_kernel_runs_the_experts_fprop(monkeypatch):
   assert [shape[1] for shape in calls] == [128, 128, 128]  # gate, up, down; 128-row tiles
   for xla, kernel in zip(*runs):
     assert fp8.relative_error(kernel, xla) < 1e-6
+
+
+def test_balance_loss_forms_by_hand_and_their_gradients():
+  # f = [2,1,1,0], P = [0.375, 0.175, 0.225, 0.225] (above); E = 4
+  f, p = M.balance_fractions(SCORES, EXPERTS, MASK)
+  f_st = M.straight_through_load(SCORES, EXPERTS, MASK)
+  np.testing.assert_allclose(f_st, f, rtol=1e-6)  # f~ has f's value
+  # p_only: E sum P^2 = 4 (0.140625 + 0.030625 + 0.050625 + 0.050625) = 1.09
+  assert float(M.expert_balance_loss(f, p, "p_only")) == pytest.approx(1.09)
+  # f_only: sum f^2 / E = (4 + 1 + 1 + 0) / 4 = 1.5
+  assert float(M.expert_balance_loss(f, p, "f_only", f_st)) == pytest.approx(1.5)
+  with pytest.raises(ValueError, match="f_straight_through"):
+    M.expert_balance_loss(f, p, "f_only")
+  with pytest.raises(ValueError, match="'f_p', 'p_only' or 'f_only'"):
+    M.expert_balance_loss(f, p, "fp")
+
+  def loss(scores, form):
+    f, p = M.balance_fractions(scores, EXPERTS, MASK)
+    return M.expert_balance_loss(f, p, form, M.straight_through_load(scores, EXPERTS, MASK))
+
+  s_sum = SCORES.sum(-1, keepdims=True)
+  normalised = SCORES / s_sum
+  # d/ds' by hand, then through s' = s / sum(s) (the Jacobian is (I - s' 1^T) / sum(s)).
+  d_norm = {
+      "f_p": jnp.broadcast_to(f[:, None] / 2, SCORES.shape),  # f_i / T (P = mean over T)
+      "p_only": jnp.broadcast_to(4 * p[:, None] / 2, SCORES.shape),  # E P_i / T
+      # f_only: f_i / E * E / (K T s'_{t,i}) for chosen (t, i) = f_i / (K T s'_{t,i})
+      "f_only": jax.nn.one_hot(EXPERTS, 4).sum(-2) * f[:, None] / (2 * 2 * normalised),
+  }
+  for form, g_norm in d_norm.items():
+    expected = (g_norm - (g_norm * normalised).sum(-1, keepdims=True)) / s_sum
+    np.testing.assert_allclose(jax.grad(loss)(SCORES, form), expected, rtol=1e-5, atol=1e-7,
+                               err_msg=form)
+
+
+def test_the_balance_loss_form_is_a_model_switch():
+  from deepseek_jax.config import ModelConfig
+  from deepseek_jax.model.transformer import create_model
+  tokens = jnp.arange(32).reshape(2, 16) % 128
+  losses = {}
+  for form in ("f_p", "p_only", "f_only"):
+    model = create_model(ModelConfig.preset("tiny", balance_loss_form=form), 0)
+    losses[form] = float(model(tokens).moe_stats["expert_balance"].sum())
+  assert len(set(losses.values())) == 3, losses  # three different losses on the same routing
+  with pytest.raises(ValueError, match="balance_loss_form"):
+    ModelConfig.preset("tiny", balance_loss_form="P")

@@ -1,0 +1,140 @@
+"""The sweep runner and the studies (experiments/ablations/sweep.py, studies.py): bad grids fail
+before any run, a small real sweep runs, skips what is complete and refuses to overwrite, and
+every study's table and plot come out of made-up results without training."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SWEEP = REPO / "experiments" / "ablations" / "sweep.py"
+sys.path.insert(0, str(SWEEP.parent))
+import studies  # noqa: E402
+import sweep  # noqa: E402
+
+TINY = ["--set=model.preset=tiny", "--set=model.overrides.vocab_size=264", "--set=train.steps=4", "--set=train.eval_every=2",
+        "--set=train.eval_batches=1", "--set=train.batch_size=2", "--set=train.seq_len=32",
+        "--set=train.log_every=1", "--set=checkpoint.every=4", "--set=sample.max_new_tokens=2"]
+
+
+def _sweep(*args, timeout=600):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per run
+  return subprocess.run([sys.executable, str(SWEEP), *args], capture_output=True, text=True,
+                        timeout=timeout, cwd=REPO, env=env)
+
+
+def test_an_override_naming_no_field_fails_before_any_run(tmp_path):
+  proc = _sweep("--study=mtp_cost", f"--workdir={tmp_path}", f"--results={tmp_path}/r",
+                "--set=model.overrides.kv_lora_rnk=3")
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [
+      "error: study mtp_cost, point 'D0': override '--config.model.overrides.kv_lora_rnk=3' does "
+      "not apply to experiments/configs/ablation.py: 'kv_lora_rnk' Did you mean \"kv_lora_rank\" "
+      "instead of \"kv_lora_rnk\"?"]
+  assert not (tmp_path / "mtp_cost").exists()
+
+
+def test_a_bad_value_an_unknown_point_and_an_empty_grid_fail_before_any_run(tmp_path):
+  proc = _sweep("--study=mtp_cost", f"--workdir={tmp_path}", "--set=model.preset=tiny")
+  assert proc.stderr.strip() == (  # the trainer's own check, before any run
+      "error: study mtp_cost, point 'D0': config.data.tokenizer has 261 ids but the model's "
+      "vocab_size is 128; raise config.model.overrides.vocab_size")
+  proc = _sweep("--study=load_balance", f"--workdir={tmp_path}", "--set=train.steps=0")
+  assert proc.stderr.strip() == ("error: study load_balance, point 'none': config.train.steps: "
+                                 "must be positive, got 0")
+  proc = _sweep("--study=mtp_cost", f"--workdir={tmp_path}", "--points=D0,D9")
+  assert proc.stderr.strip() == ("error: study mtp_cost: unknown point(s) ['D9']; its points: "
+                                 "D0, D1, D2")
+  assert not list(tmp_path.iterdir())
+  for flag, message in [("--seeds=", "no seeds"), ("--points=", "--points is empty"),
+                        ("--seeds=1,1", "a seed is repeated in [1, 1]")]:
+    proc = _sweep("--study=mtp_cost", f"--workdir={tmp_path}", flag)
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+  proc = _sweep("--study=mtp_cost", f"--workdir={tmp_path}", "--parallel=2")
+  assert "measures training time" in proc.stderr
+  assert not list(tmp_path.iterdir())
+  empty = studies.Study(name="empty", question="?", points={}, table=str, plot=print)
+  with pytest.raises(ValueError, match="study empty: the grid is empty"):
+    sweep.check_study(empty, [0, 1])
+  with pytest.raises(ValueError, match="no seeds"):
+    sweep.check_study(studies.MTP_COST, [])
+
+
+def test_a_small_sweep_runs_collects_skips_and_refuses_to_overwrite(tmp_path):
+  args = ["--study=mtp_cost", "--points=D0,D1", "--seeds=0,1", f"--workdir={tmp_path}/runs",
+          f"--results={tmp_path}/results", *TINY]
+  proc = _sweep(*args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "2 points x 2 seeds = 4 runs" in proc.stdout
+  assert proc.stdout.count(": ran") == 4
+  results = json.loads((tmp_path / "results" / "mtp_cost.json").read_text())
+  assert set(results["runs"]) == {"D0", "D1"} and set(results["runs"]["D1"]) == {"0", "1"}
+  run = results["runs"]["D1"]["0"]
+  assert [row[0] for row in run["eval"]][-1] == 4 and run["train"][-1][5] is not None  # mtp ce
+  assert results["point_info"]["D1"]["train_flops_per_token"] > \
+      results["point_info"]["D0"]["train_flops_per_token"]
+  assert (tmp_path / "results" / "mtp_cost.png").stat().st_size > 10_000
+  table = (tmp_path / "results" / "mtp_cost.md").read_text()
+  assert table.count("\n| D") == 2
+  # Again: everything is complete, nothing reruns; the table is rebuilt from the same runs.
+  again = _sweep(*args)
+  assert again.returncode == 0 and again.stdout.count(": skipped") == 4
+  # A partial sweep into the same results folder: refused before anything runs.
+  partial = _sweep(*[a for a in args if a != "--seeds=0,1"], "--seeds=0")
+  assert partial.returncode == 1 and partial.stderr.strip() == (
+      f"error: {tmp_path}/results/mtp_cost.json holds results of another grid (its seeds: "
+      "[0, 1]); give another --results folder, or --overwrite_results to replace them")
+  # The same folders with other settings: refused, nothing overwritten.
+  other = _sweep(*args[:-1], "--set=sample.max_new_tokens=3", "--overwrite_results")
+  assert other.returncode == 1 and other.stderr.strip() == (
+      f"error: {tmp_path}/runs/mtp_cost/D0/seed0 holds a run with other settings (differing: "
+      "['--config.sample.max_new_tokens=2', '--config.sample.max_new_tokens=3']); use another "
+      "--workdir, or delete that folder to rerun it")
+  assert "ran" not in other.stdout
+
+
+def _made_up_results(study, finals: dict, seeds=(0, 1)) -> dict:
+  """Results as sweep.collect writes them, with final held-out losses ``finals`` per point
+  (seed s adds 0.01 s) and smooth curves."""
+  facts = sweep.check_study(study, list(seeds))
+  runs = {}
+  for point, final in finals.items():
+    runs[point] = {}
+    for seed in seeds:
+      loss = final + 0.01 * seed
+      train = [[s, 3.0 - s / 200, 0.9 + s / 5000, 2.0 - s / 400, s * 0.1 * (1 + 0.5 * ("D" in
+               point and point != "D0")), 3.1 if point != "D0" else None] for s in range(10, 310, 10)]
+      evals = [[s, loss + (300 - s) / 300] for s in range(50, 350, 50)]
+      load = [[1.0 + (e % 3) for e in range(16)] for _ in range(3)]
+      runs[point][str(seed)] = {"train": train, "eval": evals, "final_load": load}
+  return {"study": study.name, "question": study.question, "command": "test",
+          "config": study.config_file(False), "seeds": list(seeds), "hardware": "test",
+          "set": [], "points": {p: list(study.points[p]) for p in finals},
+          "point_info": {p: facts[p] for p in finals}, "runs": runs}
+
+
+@pytest.mark.parametrize("study, finals", [
+    (studies.LATENT_WIDTH, {"mla_dc32": 2.0, "mla_dc64": 1.9, "mla_dc128": 1.95, "mha": 1.8,
+                            "gqa_kv2": 1.85}),
+    (studies.LOAD_BALANCE, {p: 2.0 + 0.01 * i for i, p in enumerate(studies.LOAD_BALANCE.points)}),
+    (studies.MTP_COST, {"D0": 2.0, "D1": 1.9, "D2": 1.95}),
+], ids=lambda v: getattr(v, "name", ""))
+def test_each_studys_table_and_plot_from_made_up_results(tmp_path, study, finals):
+  results = _made_up_results(study, finals)
+  paths = sweep.write_outputs(study, results, str(tmp_path))
+  assert pathlib.Path(paths[1]).stat().st_size > 20_000
+  table = pathlib.Path(paths[0]).read_text()
+  for point, final in finals.items():
+    row = next(line for line in table.splitlines() if line.startswith(f"| {point} |"))
+    # mean of the seeds' final losses, then their range
+    assert f"{final + 0.005:.4f} ({final:.4f} to {final + 0.01:.4f})" in row
+
+
+def test_the_pareto_frontier_keeps_only_undominated_points():
+  points = [(384, 2.0, "a"), (640, 1.9, "b"), (1152, 1.95, "c"), (2560, 1.8, "d"),
+            (1280, 1.85, "e")]
+  assert [p[2] for p in studies.pareto_front(points)] == ["a", "b", "e", "d"]
