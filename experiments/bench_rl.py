@@ -33,16 +33,6 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps (compilation)")
 flags.mark_flags_as_required(["config"])
 
 
-def _bytes(tree) -> int:
-  import jax
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
-def _program(fn, *args) -> dict:
-  mem = fn.lower(*args).compile().memory_analysis()
-  return {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp")}
-
-
 def _setup(config, algorithm: str, workdir: str):
   from deepseek_jax.rl import config as rl_config
   from deepseek_jax.rl import loop
@@ -64,6 +54,7 @@ def _measure(config, algorithm: str) -> dict:
   import jax
   from deepseek_jax.rl import loop
   from deepseek_jax.rl.rollout import to_batch
+  from deepseek_jax.rl.memory import update_memory
   c = config
   with tempfile.TemporaryDirectory() as workdir:
     setup, run, graphdef, state, learner = _setup(config, algorithm, workdir)
@@ -84,24 +75,14 @@ def _measure(config, algorithm: str) -> dict:
         rollout_times.append(t1 - t0)
         update_times.append(t2 - t1)
         sampled.append(metrics["sampled_tokens"])
-    policy_step = _program(learner.step, state.policy, batch)
-    ref = _bytes(state.ref) if state.ref is not None else 0
+    memory = update_memory(learner, state, batch)
     out = {"algorithm": algorithm, "rows": rows, "seq_len": c.train.seq_len,
            "rollout_s": statistics.median(rollout_times),
            "rollout_tokens_per_s": statistics.median(sampled) / statistics.median(rollout_times),
            "update_s": statistics.median(update_times),
            "update_tokens_per_s": rows * c.train.seq_len * c.rl.iterations
            / statistics.median(update_times),
-           "policy_state_bytes": _bytes(state.policy), "reference_bytes": ref,
-           "policy_step": policy_step}
-    peak = ref + policy_step["argument"] + policy_step["temp"]
-    if state.value is not None:
-      value_step = _program(learner.value_step, state.value, batch)
-      out["value_state_bytes"] = _bytes(state.value)
-      out["value_step"] = value_step
-      peak = max(out["value_state_bytes"] + peak,
-                 ref + out["policy_state_bytes"] + value_step["argument"] + value_step["temp"])
-    out["update_peak_bytes"] = peak
+           **{f"{k}_bytes": v for k, v in memory.items()}}
     run.ckpt.manager.close()
   return out
 
@@ -125,8 +106,8 @@ def main(argv):
     print(f"| {r['algorithm'].upper()} | {r['rollout_tokens_per_s']:,.0f} | "
           f"{r['update_tokens_per_s']:,.0f} | {r['policy_state_bytes'] / mib:.1f} | "
           f"{r['reference_bytes'] / mib:.1f} | {r.get('value_state_bytes', 0) / mib:.1f} | "
-          f"{r['policy_step']['temp'] / mib:.1f} | "
-          f"{r.get('value_step', {}).get('temp', 0) / mib:.1f} | "
+          f"{r['policy_step_temp_bytes'] / mib:.1f} | "
+          f"{r.get('value_step_temp_bytes', 0) / mib:.1f} | "
           f"{r['update_peak_bytes'] / mib:.1f} |")
   grpo, ppo = results
   print(f"PPO's update peak is {ppo['update_peak_bytes'] / grpo['update_peak_bytes']:.2f}x "

@@ -19,6 +19,7 @@ EXPECTED = {
     "study_latent_width.ipynb": "| mla_dc32 | mla |",
     "study_load_balance.ipynb": "| aux_f_only_a0.01 |",
     "study_mtp_cost.ipynb": "| D2 | 2 |",
+    "study_grpo_vs_ppo.ipynb": "| ppo | PPO | 8 |",
 }
 
 

@@ -134,6 +134,30 @@ def test_each_studys_table_and_plot_from_made_up_results(tmp_path, study, finals
     assert f"{final + 0.005:.4f} ({final:.4f} to {final + 0.01:.4f})" in row
 
 
+def test_the_grpo_vs_ppo_table_and_plot_from_made_up_results(tmp_path):
+  study = studies.GRPO_VS_PPO
+  facts = sweep.check_study(study, [0, 1], extra=["init_from="])  # no pretrained model needed
+  runs = {}
+  for i, point in enumerate(study.points):
+    runs[point] = {}
+    for seed in (0, 1):
+      train = [[s, 0.1002 + 0.001 * s + 0.01 * i, 300 * s, 0.5 * s] for s in range(1, 151)]
+      evals = [[s, 0.02 + 0.001 * s + 0.01 * seed, 0.05] for s in range(0, 175, 25)]
+      memory = {"update_peak": (100 + 50 * i) * 2 ** 20, "policy_state": 1}
+      runs[point][str(seed)] = {"train": train, "eval": evals, "memory": memory}
+  results = {"study": study.name, "question": study.question, "command": "test",
+             "config": study.config, "seeds": [0, 1], "hardware": "test", "set": [],
+             "points": {p: list(study.points[p]) for p in study.points}, "point_info": facts,
+             "runs": runs}
+  paths = sweep.write_outputs(study, results, str(tmp_path))
+  assert pathlib.Path(paths[1]).stat().st_size > 20_000
+  table = pathlib.Path(paths[0]).read_text()
+  # grpo_g8 (i = 1): reward over the last 10 steps = 0.1 + 0.001 * mean(141..150) + 0.01
+  row = next(line for line in table.splitlines() if line.startswith("| grpo_g8 |"))
+  assert "| GRPO | 8 | 45k |" in row and "0.256 (0.256 to 0.256)" in row
+  assert "0.025 → 0.175 (0.170 to 0.180)" in row and row.endswith("| 150 |")
+
+
 def test_the_pareto_frontier_keeps_only_undominated_points():
   points = [(384, 2.0, "a"), (640, 1.9, "b"), (1152, 1.95, "c"), (2560, 1.8, "d"),
             (1280, 1.85, "e")]

@@ -86,6 +86,9 @@ def default_config() -> ml_collections.ConfigDict:
                                          "language": {"weight": 0.0}})
   r.eval_every = 25  # held-out accuracy (greedy) every N steps; 0: at the end only
   r.eval_prompts = 0  # 0: the whole held-out split
+  # Write the update's device memory (rl/memory.py: XLA memory analysis of the compiled policy
+  # and value steps) into metrics.jsonl at the first step of a run; costs one extra compile.
+  r.record_memory = False
   # PPO only (PPO uses the clip range and mu above, a token-mean loss with the KL in the
   # reward; advantage, loss_aggregation and beta are GRPO's). The value model trains with the
   # policy's optimizer settings.

@@ -34,6 +34,7 @@ from deepseek_jax.interop.orbax_params import load_model, resolve_checkpoint, sa
 from deepseek_jax.model.execution import resolve_execution, set_execution
 from deepseek_jax.parallel.mesh import batch_shards
 from deepseek_jax.rl import config as rl_config
+from deepseek_jax.rl.memory import update_memory
 from deepseek_jax.rl.advantages import informative_groups
 from deepseek_jax.rl.grpo import GRPOLearner, RLState, copy_weights
 from deepseek_jax.rl.ppo import PPOLearner, abstract_value_state, init_value_state
@@ -440,6 +441,10 @@ def _run_locked(run: Run, requested: Optional[int], preemption: Preemption) -> d
             f"{sample_metrics['reward']:g}, so no group has an advantage and nothing is "
             f"learned; check config.rl.rewards {r.rewards.to_dict()} against what the model "
             "writes (e.g. first_line for answers without <answer> tags)")
+      if r.record_memory and step == start + 1:
+        with logger.paused():
+          metrics.update({f"memory_{k}_bytes": float(v)
+                          for k, v in update_memory(learner, state, batch).items()})
       metrics.update(sample_metrics, rollout_s=t1 - t0, update_s=t2 - t1,
                      rollout_tokens_per_s=sample_metrics["sampled_tokens"] / (t1 - t0),
                      update_tokens_per_s=rows * c.train.seq_len * r.iterations / (t2 - t1))
@@ -449,7 +454,8 @@ def _run_locked(run: Run, requested: Optional[int], preemption: Preemption) -> d
       if (r.eval_every and step % r.eval_every == 0) or last:
         with logger.paused():
           metrics.update(_evaluate(setup, graphdef, state.policy, task))
-      if step % c.train.log_every == 0 or last or "eval_accuracy" in metrics:
+      if (step % c.train.log_every == 0 or last or "eval_accuracy" in metrics
+          or "memory_update_peak_bytes" in metrics):
         record = logger.log(step, metrics)
       stop = preemption.reached(step)
       if step % c.checkpoint.every == 0 or last or stop:

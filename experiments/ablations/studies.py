@@ -31,14 +31,18 @@ class Study:
   points: dict[str, tuple[str, ...]]  # label -> --config.* overrides
   table: Callable[[dict], str]
   plot: Callable[[dict, str], None]
-  # facts about a point for its table and plot: describe(model config, train.seq_len) -> dict
-  describe: Callable[[ModelConfig, int], dict] = lambda model, seq_len: {}
+  # facts about a point for its table and plot: describe(ModelConfig, run ConfigDict) -> dict
+  describe: Callable[..., dict] = lambda model, config: {}
   seeds: tuple[int, ...] = (0, 1)
-  config: str = CONFIG
+  config: str = CONFIG  # a config file, with variants after ":"
   timed: bool = False  # its results include training time: runs must not share the CPU
+  kind: str = "train"  # "train": experiments/train.py runs; "rl": experiments/rl.py runs
 
   def config_file(self, full: bool) -> str:
-    return self.config + (":full" if full else "")
+    """The config file argument; ``full`` adds the accelerator-scale variant."""
+    if not full:
+      return self.config
+    return self.config + (",full" if ":" in self.config else ":full")
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -114,7 +118,7 @@ def _params(model: ModelConfig) -> dict:
 
 # --- study 1: latent width d_c ---------------------------------------------------------------
 
-def _kv_describe(model: ModelConfig, seq_len: int) -> dict:
+def _kv_describe(model: ModelConfig, config) -> dict:
   kind = "latent" if model.attention_kind == "mla" else "expanded"
   return {"attention": model.attention_kind, "kv_lora_rank": model.kv_lora_rank,
           "kv_bytes_per_token": analytics.kv_cache_bytes_per_token(model, kind),
@@ -185,7 +189,7 @@ LATENT_WIDTH = Study(
 
 # --- study 3: load balancing -----------------------------------------------------------------
 
-def _balance_describe(model: ModelConfig, seq_len: int) -> dict:
+def _balance_describe(model: ModelConfig, config) -> dict:
   return {"router_bias": model.router_bias, "alpha": model.expert_balance_coef,
           "form": model.balance_loss_form, "experts": model.n_routed_experts}
 
@@ -275,9 +279,9 @@ LOAD_BALANCE = Study(
 
 # --- study 4: MTP's cost ---------------------------------------------------------------------
 
-def _mtp_describe(model: ModelConfig, seq_len: int) -> dict:
-  return {"mtp_depth": model.n_mtp_modules,
-          "train_flops_per_token": analytics.train_flops_per_token(model, seq_len), **_params(model)}
+def _mtp_describe(model: ModelConfig, config) -> dict:
+  flops = analytics.train_flops_per_token(model, config.train.seq_len)
+  return {"mtp_depth": model.n_mtp_modules, "train_flops_per_token": flops, **_params(model)}
 
 
 def _seconds_per_step(run: dict) -> float:
@@ -342,4 +346,82 @@ MTP_COST = Study(
     table=_mtp_table, plot=_mtp_plot, describe=_mtp_describe, timed=True)
 
 
-STUDIES = {s.name: s for s in (LATENT_WIDTH, LOAD_BALANCE, MTP_COST)}
+# --- study 5: GRPO vs PPO --------------------------------------------------------------------
+
+def _rl_describe(model: ModelConfig, config) -> dict:
+  return {"algorithm": config.rl.algorithm, "group_size": config.rl.group_size,
+          "prompts_per_step": config.rl.prompts_per_step, "init_from": config.init_from,
+          **_params(model)}
+
+
+def _mean_reward(run: dict, last: int = 10) -> float:
+  rows = run["train"][-last:]
+  return statistics.mean(row[1] for row in rows)
+
+
+def _moving_average(values: list[float], window: int = 10) -> list[float]:
+  return [statistics.mean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+
+
+def _mib(run: dict, key: str = "update_peak") -> float:
+  return (run["memory"] or {}).get(key, float("nan")) / 2 ** 20
+
+
+def _rl_table(results: dict) -> str:
+  rows = []
+  for point, info in results["point_info"].items():
+    runs = results["runs"][point].values()
+    start = statistics.mean(r["eval"][0][1] for r in runs)
+    rows.append([point, info["algorithm"].upper(), info["group_size"],
+                 f"{statistics.mean(r['train'][-1][2] for r in runs) / 1e3:.0f}k",
+                 fmt(over_seeds(results, point, lambda r: _mean_reward(r, 10)), 3),
+                 f"{start:.3f} → " + fmt(over_seeds(results, point, lambda r: r["eval"][-1][1]), 3),
+                 fmt(over_seeds(results, point, lambda r: r["train"][-1][3] / r["train"][-1][0]), 2),
+                 f"{statistics.mean(_mib(r) for r in runs):.0f}"])
+  return markdown(["point", "algorithm", "samples per prompt", "rollout tokens", "reward, last "
+                   "10 steps", "held-out accuracy (greedy), start → end", "s/step (rollout + "
+                   "update)", "update peak MiB (compiled)"], rows)
+
+
+def _rl_plot(results: dict, png: str) -> None:
+  fig, ((ax_reward, ax_tokens), (ax_eval, ax_memory)) = new_figure(2, 2, width=6.5, height=4.2)
+  points = list(results["point_info"])
+  for i, point in enumerate(points):
+    color = COLORS[i]
+    runs = list(results["runs"][point].values())
+    smoothed = [dict(r, train=[[row[0], avg, row[2]] for row, avg in
+                               zip(r["train"], _moving_average([row[1] for row in r["train"]]))])
+                for r in runs]
+    view = {"runs": {point: dict(enumerate(smoothed))}}
+    band(ax_reward, view, point, 1, color)
+    band(ax_tokens, view, point, 1, color, x_column=2, x_scale=1e-3)
+    band(ax_eval, results, point, 1, color, table="eval")
+    ax_memory.bar([i], [statistics.mean(_mib(r) for r in runs)], color=color)
+  ax_reward.set(xlabel="RL step", ylabel="training reward (accuracy, 10-step mean)",
+                title="reward per step")
+  ax_tokens.set(xlabel="rollout tokens sampled (thousands)", ylabel="training reward "
+                "(accuracy, 10-step mean)", title="reward per rollout token")
+  ax_eval.set(xlabel="RL step", ylabel="held-out accuracy (greedy, 51 prompts)",
+              title="held-out accuracy")
+  ax_memory.set_xticks(range(len(points)), points)
+  ax_memory.set(ylabel="MiB (XLA memory analysis)", title="peak device memory of one update")
+  for ax in (ax_reward, ax_tokens, ax_eval):
+    ax.legend(fontsize=8)
+  save(fig, results, png)
+
+
+GRPO_VS_PPO = Study(
+    name="grpo_vs_ppo",
+    question="Study 5 (review exp. 2): GRPO with G = 4 and 8 samples per prompt vs PPO, same "
+             "base model, prompts and rule reward (R1-Zero arithmetic)",
+    config="experiments/configs/r1_zero.py:study", kind="rl",
+    points={
+        "grpo_g4": ("--config.rl.group_size=4",),
+        "grpo_g8": ("--config.rl.group_size=8",),
+        "ppo": ("--config.rl.algorithm=ppo", "--config.rl.group_size=8"),
+    },
+    table=_rl_table, plot=_rl_plot, describe=_rl_describe)
+
+
+STUDIES = {s.name: s for s in (LATENT_WIDTH, LOAD_BALANCE, MTP_COST, GRPO_VS_PPO)}
+

@@ -99,7 +99,6 @@ def check_study(study: studies_lib.Study, seeds: list[int], extra=(), full: bool
   study's ``describe`` of the point plus its batch_size and seq_len. Raises ValueError naming
   the study and point for an empty grid, no seeds, a repeated seed, an empty or unknown point
   list, an override that names no field, or a value the trainer would reject."""
-  from deepseek_jax.train.trainer import build_setup
   if not study.points:
     raise ValueError(f"study {study.name}: the grid is empty (no points)")
   if not seeds:
@@ -116,12 +115,26 @@ def check_study(study: studies_lib.Study, seeds: list[int], extra=(), full: bool
   for point in points or study.points:
     try:
       config = build_config(study.config_file(full), run_overrides(study, point, seeds[0], extra))
-      model = build_setup(config).model_cfg  # the trainer's checks before compiling
+      model = _check_run_config(study, config)
     except ValueError as e:
       raise ValueError(f"study {study.name}, point {point!r}: {e}") from None
-    facts[point] = {**study.describe(model, config.train.seq_len),
+    facts[point] = {**study.describe(model, config),
                     "batch_size": config.train.batch_size, "seq_len": config.train.seq_len}
   return facts
+
+
+def _check_run_config(study: studies_lib.Study, config):
+  """The trainer's (or the RL loop's) checks before compiling; returns the ModelConfig."""
+  from deepseek_jax.train.trainer import build_setup
+  if study.kind != "rl":
+    return build_setup(config).model_cfg
+  from deepseek_jax.rl import config as rl_config
+  if config.init_from and not os.path.exists(config.init_from):
+    raise ValueError(f"config.init_from={config.init_from} does not exist: pretrain the base "
+                     "model first (python experiments/train.py --config=experiments/configs/"
+                     f"small.py --workdir={config.init_from})")
+  return build_setup(config, schema=rl_config.default_config(),
+                     free_form=("rl.rewards",)).model_cfg
 
 
 def run_dir(workdir: str, study: str, point: str, seed: int) -> str:
@@ -165,7 +178,8 @@ def run_point(study: studies_lib.Study, point: str, seed: int, workdir: str, ext
   os.makedirs(folder, exist_ok=True)
   with open(marker, "w") as f:
     json.dump({"args": args, "complete": False}, f)
-  command = [sys.executable, str(REPO / "experiments" / "train.py"), f"--workdir={folder}", *args]
+  script = "rl.py" if study.kind == "rl" else "train.py"
+  command = [sys.executable, str(REPO / "experiments" / script), f"--workdir={folder}", *args]
   log = os.path.join(folder, "train.log")
   with open(log, "a") as out:
     code = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT).returncode
@@ -182,17 +196,44 @@ def run_point(study: studies_lib.Study, point: str, seed: int, workdir: str, ext
   return "ran"
 
 
+def read_rl_run(folder: str) -> dict:
+  """One RL run's curves from its metrics.jsonl: ``train`` rows [step, reward, rollout tokens
+  so far, seconds of RL so far (rollout + update)], ``eval`` rows [step, held-out greedy
+  accuracy, training-prompt accuracy], ``memory`` (bytes, ``rl.memory.update_memory``; None
+  unless the run recorded it). Raises FileNotFoundError naming the file."""
+  records = _records(folder)
+  train, evals, memory, tokens, seconds = [], [], None, 0, 0.0
+  for r in records:
+    if "reward" in r:
+      tokens += r["sampled_tokens"]
+      seconds += r.get("rollout_s", 0.0) + r.get("update_s", 0.0)
+      train.append([r["step"], r["reward"], tokens, round(seconds, 3)])
+    if "eval_accuracy" in r:
+      evals.append([r["step"], r["eval_accuracy"], r.get("train_accuracy")])
+    if "memory_update_peak_bytes" in r:
+      memory = {k[len("memory_"):-len("_bytes")]: v for k, v in r.items()
+                if k.startswith("memory_")}
+  if not evals:
+    raise FileNotFoundError(f"{folder}/metrics.jsonl has no eval_accuracy records")
+  return {"train": train, "eval": evals, "memory": memory}
+
+
+def _records(folder: str) -> list[dict]:
+  path = os.path.join(folder, "metrics.jsonl")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist; the run has not been made")
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
 def read_run(folder: str) -> dict:
   """One run's curves from its metrics.jsonl: ``train`` rows [step, ce, load entropy, load
   max/mean, seconds of training so far (compilation, evaluation and saves excluded), mtp ce],
   ``eval`` rows [step, held-out loss], ``final_load`` [MoE layers][E] of the last logged step.
   Raises FileNotFoundError naming the file."""
   path = os.path.join(folder, "metrics.jsonl")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist; the run has not been made")
+  records = _records(folder)
   train, evals, final_load, seconds, last = [], [], None, 0.0, None
-  with open(path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
   for r in records:
     if "eval_loss" in r:
       evals.append([r["step"], r["eval_loss"]])
@@ -213,7 +254,8 @@ def collect(study: studies_lib.Study, seeds: list[int], workdir: str, facts: dic
   """The results file's content: the grid, per-point facts and every run's curves."""
   from deepseek_jax.train.metrics import host_cpu_name
   import jax
-  runs = {point: {str(seed): read_run(run_dir(workdir, study.name, point, seed))
+  read = read_rl_run if study.kind == "rl" else read_run
+  runs = {point: {str(seed): read(run_dir(workdir, study.name, point, seed))
                   for seed in seeds} for point in facts}
   return {"study": study.name, "question": study.question, "command": command,
           "config": study.config_file(full), "seeds": seeds,

@@ -8,7 +8,10 @@ The prompts are every "a op b =" with single-digit operands (+, -, *), 20% held 
 reward is accuracy of the completion's first line; the metric is greedy held-out accuracy.
 Variants (comma-separated): `ppo` (the PPO baseline with a value model), `dapo` (token-mean
 loss, clip-higher 0.28, dynamic sampling, no KL), `drgrpo` (Dr. GRPO: mean-only advantages,
-constant-length aggregation), `runlocal` (a few steps, for a quick look).
+constant-length aggregation), `runlocal` (a few steps, for a quick look), `study` (the GRPO vs
+PPO study of experiments/ablations/sweep.py: 150 steps, every step logged, the update's memory
+recorded), `full` (R1-Zero's own scale, 32 prompts x 16 samples, 1,000 steps; for an
+accelerator).
 """
 
 from deepseek_jax.rl.config import default_config
@@ -32,10 +35,10 @@ def get_config(arg=None):
   c.sample.prompts = ("3 + 4 =", "7 * 8 =", "9 - 2 =", "0 * 6 =")
   c.sample.max_new_tokens = 6
   variants = set(arg.split(",")) if arg else set()
-  unknown = variants - {"ppo", "dapo", "drgrpo", "runlocal"}
+  unknown = variants - {"ppo", "dapo", "drgrpo", "runlocal", "study", "full"}
   if unknown:
     raise ValueError(f"r1_zero.py: unknown variant(s) {sorted(unknown)}; known: ppo, dapo, "
-                     "drgrpo, runlocal")
+                     "drgrpo, runlocal, study, full")
   if "ppo" in variants:
     c.rl.algorithm = "ppo"
   if "dapo" in variants:
@@ -46,6 +49,15 @@ def get_config(arg=None):
   if "drgrpo" in variants:
     c.rl.advantage = "drgrpo"
     c.rl.loss_aggregation = "constant_length"
+  if "study" in variants:
+    c.train.steps = 150
+    c.train.log_every = 1
+    c.checkpoint.every = 50
+    c.rl.record_memory = True
+  if "full" in variants:
+    c.train.steps = 1000
+    c.rl.prompts_per_step = 32
+    c.checkpoint.every = 100
   if "runlocal" in variants:
     c.train.steps = 6
     c.checkpoint.every = 3

@@ -215,3 +215,23 @@ def test_the_lr_schedule_counts_optimizer_steps_mu_per_rl_step():
 def test_dynamic_sampling_is_refused_for_ppo(tmp_path):
   with pytest.raises(ValueError, match="config.rl.dynamic_sampling_rounds: .* use 0 with PPO"):
     loop.run(_config(algorithm="ppo", dynamic_sampling_rounds=2), str(tmp_path))
+
+
+def test_record_memory_writes_the_compiled_update_memory_at_the_first_step(tmp_path):
+  memory = {}
+  for algorithm in ("grpo", "ppo"):
+    config = _config(algorithm=algorithm, record_memory=True, beta=0.04)
+    with config.unlocked():
+      config.train.steps = 2
+      config.train.log_every = 2  # the first step's record is written for its memory anyway
+    loop.run(config, str(tmp_path / algorithm))
+    records = [r for r in _records(str(tmp_path / algorithm)) if r["step"] > 0]
+    assert "memory_update_peak_bytes" in records[0] and records[0]["step"] == 1
+    assert all("memory_update_peak_bytes" not in r for r in records[1:])  # once per run
+    memory[algorithm] = {k: v for k, v in records[0].items() if k.startswith("memory_")}
+  grpo, ppo = memory["grpo"], memory["ppo"]
+  assert grpo["memory_reference_bytes"] > 0 and "memory_value_state_bytes" not in grpo
+  assert ppo["memory_value_state_bytes"] > 0 and ppo["memory_value_step_temp_bytes"] > 0
+  assert grpo["memory_policy_state_bytes"] == ppo["memory_policy_state_bytes"]  # same policy
+  # PPO holds the value model and its Adam moments on top of what GRPO holds
+  assert ppo["memory_update_peak_bytes"] > grpo["memory_update_peak_bytes"]
