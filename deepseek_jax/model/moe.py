@@ -195,14 +195,21 @@ def balance_fractions(scores, experts, mask, scope: str = "sequence"):
 
   scores [B,T,E], experts [B,T,K], mask [B,T] (1 = real token).
   """
+  normalised, chosen, mask, n_tokens, scale = _choices(scores, experts, mask, scope)
+  f = scale * chosen.sum(1)
+  p = (normalised * mask[..., None]).sum(1) / n_tokens
+  return f, p
+
+
+def _choices(scores, experts, mask, scope: str):
+  """Per scope row: normalised affinities s' [S, T', E], chosen [S, T', E] (1 where a real token
+  picked the expert), mask [S, T'], token counts [S, 1] and f's factor E / (K T) [S, 1]."""
   scores, experts, mask = (_scoped(a, scope) for a in (scores, experts, mask.astype(jnp.float32)))
   n_experts, top_k = scores.shape[-1], experts.shape[-1]
   chosen = jax.nn.one_hot(experts, n_experts, dtype=jnp.float32).sum(-2) * mask[..., None]
   n_tokens = jnp.maximum(mask.sum(-1, keepdims=True), 1.0)
-  f = n_experts / (top_k * n_tokens) * chosen.sum(1)
   normalised = scores / scores.sum(-1, keepdims=True)
-  p = (normalised * mask[..., None]).sum(1) / n_tokens
-  return f, p
+  return normalised, chosen, mask, n_tokens, n_experts / (top_k * n_tokens)
 
 
 def _mean_over_nonempty(per_row: jax.Array, nonempty: jax.Array) -> jax.Array:
@@ -215,14 +222,10 @@ def straight_through_load(scores, experts, mask, scope: str = "sequence") -> jax
   """f~ [S, E]: the load fraction f of ``balance_fractions`` in value, with a straight-through
   gradient: each chosen (token, expert) counts s'/sg(s') (= 1) with s' the normalised affinity,
   so d f~_i / d s'_{t,i} = E / (K T s'_{t,i}) for the tokens that chose expert i."""
-  scores, experts, mask = (_scoped(a, scope) for a in (scores, experts, mask.astype(jnp.float32)))
-  n_experts, top_k = scores.shape[-1], experts.shape[-1]
-  chosen = jax.nn.one_hot(experts, n_experts, dtype=jnp.float32).sum(-2) * mask[..., None]
-  normalised = scores / scores.sum(-1, keepdims=True)
+  normalised, chosen, _, _, scale = _choices(scores, experts, mask, scope)
   safe = jnp.where(chosen > 0, normalised, 1.0)
   ratio = safe / jax.lax.stop_gradient(safe)  # 1, carrying d log s'
-  n_tokens = jnp.maximum(mask.sum(-1, keepdims=True), 1.0)
-  return n_experts / (top_k * n_tokens) * (chosen * ratio).sum(1)
+  return scale * (chosen * ratio).sum(1)
 
 
 def expert_balance_loss(f: jax.Array, p: jax.Array, form: str = "f_p",
