@@ -17,6 +17,7 @@ EXPECTED = {
     "quickstart.ipynb": "max |absorbed - expanded|",
     # the study notebooks redraw the committed results: the table's header and one row per point
     "study_latent_width.ipynb": "| mla_dc32 | mla |",
+    "study_decoupled_rope.ipynb": "| mla_decoupled_dc101 − mla_coupled_dc91 |",
     "study_load_balance.ipynb": "| aux_f_only_a0.01 |",
     "study_mtp_cost.ipynb": "| D2 | 2 |",
     "study_grpo_vs_ppo.ipynb": "| ppo | PPO | 8 |",

@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -162,3 +163,74 @@ def test_the_pareto_frontier_keeps_only_undominated_points():
   points = [(384, 2.0, "a"), (640, 1.9, "b"), (1152, 1.95, "c"), (2560, 1.8, "d"),
             (1280, 1.85, "e")]
   assert [p[2] for p in studies.pareto_front(points)] == ["a", "b", "e", "d"]
+
+
+def test_the_decoupled_rope_points_are_matched_on_parameters():
+  facts = sweep.check_study(studies.DECOUPLED_ROPE, [0])
+  params = {p: f["params_total"] for p, f in facts.items()}
+  # equal d_c = d_h: decoupled and coupled MLA have exactly the same parameters
+  assert params["mla_decoupled_dc32"] == params["mla_coupled_dc32"]
+  assert facts["mla_coupled_dc32"]["decoupled_rope"] is False
+  # the others within 0.05% of MHA's count, each d_c the closest integer to it
+  mha = params["mha"]
+  for point in ("mla_decoupled_dc101", "mla_coupled_dc91", "gqa_kv2"):
+    assert abs(params[point] - mha) / mha < 5e-4, (point, params[point], mha)
+  from deepseek_jax import analytics
+  from deepseek_jax.config import ModelConfig
+  for point, d_c, decoupled in (("mla_decoupled_dc101", 101, True),
+                                ("mla_coupled_dc91", 91, False)):
+    assert facts[point]["kv_lora_rank"] == d_c
+    for other in (d_c - 1, d_c + 1):
+      count = analytics.param_counts_formula(ModelConfig.preset(
+          "ablation", kv_lora_rank=other, decoupled_rope=decoupled)).total
+      assert abs(count - mha) > abs(params[point] - mha), (point, other)
+  assert studies.DECOUPLED_ROPE.evaluate == ("--lengths=2x,4x", "--yarn")
+
+
+def test_the_decoupled_rope_table_and_plot_from_made_up_results(tmp_path):
+  study = studies.DECOUPLED_ROPE
+  results = _made_up_results(study, {p: 2.0 for p in study.points})
+  for i, point in enumerate(study.points):
+    for seed, run in results["runs"][point].items():
+      # bucket k (16 positions) of each curve: 1 + k / 10 (+ 1 under YaRN, + 0.1 per point,
+      # + 0.02 per seed)
+      curves = {name: {"length": n, "yarn_factor": s, "windows": 9, "bucket": 16,
+                       "loss": [1 + k / 10 + (s > 1) + 0.1 * i + 0.02 * int(seed)
+                                for k in range(n // 16)]}
+                for name, n, s in (("L256", 256, 1.0), ("L512", 512, 1.0),
+                                   ("L256_yarn", 256, 2.0), ("L512_yarn", 512, 4.0))}
+      run["positions"] = {"train_len": 128, "step": 300, "curves": curves}
+  paths = sweep.write_outputs(study, results, str(tmp_path))
+  assert pathlib.Path(paths[1]).stat().st_size > 20_000
+  table = pathlib.Path(paths[0]).read_text()
+  assert "| 128–255 (2x) | 256–511 (4x) | 128–255, YaRN s = 2 | 256–511, YaRN s = 4 |" in table
+  row = next(line for line in table.splitlines() if line.startswith("| mha |"))
+  # mha is point 4 (+0.4): buckets 0-7 average 1.35, 8-15 2.15, 16-31 3.35; YaRN adds 1; the
+  # seeds' mean adds 0.01 and they span +-0.01
+  for mean in (1.76, 2.56, 3.76, 3.56, 4.76):
+    assert f"| {mean:.3f} ({mean - 0.01:.3f} to {mean + 0.01:.3f})" in row, (mean, row)
+  # paired by seed: point 0 - point 4 = -0.4 in every column and seed
+  paired = next(line for line in table.splitlines()
+                if line.startswith("| mla_decoupled_dc32 − mha |"))
+  assert paired.count("-0.40 / -0.40") == 5
+  assert "| MHA (4 KV heads) | — | 1,850,752 | 2560 |" in row
+
+
+def test_a_small_sweep_with_an_evaluation_after_training(tmp_path):
+  points = "mla_decoupled_dc32,mla_coupled_dc32"
+  args = ["--study=decoupled_rope", f"--points={points}", "--seeds=0",
+          f"--workdir={tmp_path}/runs", f"--results={tmp_path}/results", *TINY, "--set=model.overrides.yarn_factor=1.0"]
+  proc = _sweep(*args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.count(": ran") == 2
+  run_dir = tmp_path / "runs" / "decoupled_rope" / "mla_coupled_dc32" / "seed0"
+  full = json.loads((run_dir / sweep.EVAL_FILE).read_text())
+  assert sorted(full["curves"]) == ["L128", "L128_yarn", "L64", "L64_yarn"]  # 2x, 4x of 32
+  assert full["curves"]["L128_yarn"]["yarn_factor"] == 4.0
+  results = json.loads((tmp_path / "results" / "decoupled_rope.json").read_text())
+  positions = results["runs"]["mla_coupled_dc32"]["0"]["positions"]
+  assert positions["train_len"] == 32 and len(positions["curves"]["L128"]["loss"]) == 8
+  np.testing.assert_allclose(positions["curves"]["L128"]["loss"][2],
+                             np.mean(full["curves"]["L128"]["loss"][32:48]), atol=1e-5)
+  assert "| mla_coupled_dc32 | MLA, RoPE on up-projected keys |" in \
+      (tmp_path / "results" / "decoupled_rope.md").read_text()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import signal
@@ -40,6 +41,7 @@ from deepseek_jax.parallel.partitioning import (batch_sharding, get_rules, repli
                                                 replication_summary)
 from deepseek_jax.train import config as config_lib
 from deepseek_jax.train import data as data_lib
+from deepseek_jax.train import extrapolation
 from deepseek_jax.interop import integrity
 from deepseek_jax.interop.integrity import step_directories
 from deepseek_jax.interop.orbax_params import load_model, resolve_checkpoint, saved_record
@@ -527,6 +529,63 @@ def evaluate(config, workdir: str, step: Optional[int] = None, max_batches: Opti
   result = dict(_evaluate_state(setup, graphdef, state, max_batches), step=step)
   say(f"step {step}: held-out loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} "
       f"over {result['tokens']:,} tokens")
+  return result
+
+
+def position_loss(config, workdir: str, lengths, *, yarn: bool = True,
+                  step: Optional[int] = None, max_windows: Optional[int] = None,
+                  output: Optional[str] = None, overwrite: bool = False) -> dict:
+  """Held-out loss by position on windows of each length in ``lengths`` (tokens, or "2x" for
+  twice ``train.seq_len``: ``extrapolation.parse_lengths``; lengths past ``train.seq_len``
+  test extrapolation; held-out documents joined by newlines), and with ``yarn`` also under
+  YaRN for those lengths (``train.extrapolation``). ``max_windows`` caps the windows per
+  length. Returns (and with ``output`` writes as JSON) {"step", "train_len", "curves": {name:
+  {"length", "yarn_factor", "windows", "loss": [L] mean nats per position}}}, curves named
+  "L<length>" and "L<length>_yarn". Raises ValueError for a bad or empty length list, a model
+  that already uses YaRN when ``yarn``, too little held-out data, several processes;
+  FileExistsError when ``output`` exists and not ``overwrite`` (checked before anything is
+  loaded)."""
+  lengths = extrapolation.parse_lengths(lengths, config.train.seq_len)
+  if jax.process_count() > 1:
+    raise ValueError("--lengths (loss by position) runs in one process, not "
+                     f"{jax.process_count()}; run evaluate.py on one host")
+  if max_windows is not None and max_windows < 1:
+    raise ValueError(f"--windows must be >= 1, got {max_windows}")
+  if output and os.path.exists(output) and not overwrite:
+    raise FileExistsError(f"{output} exists; give another --output or delete it")
+  setup, graphdef, state, step = _load_for_inference(config, workdir, step)
+  train_len = config.train.seq_len
+  plan = [(n, False) for n in lengths] + [(n, True) for n in lengths if yarn and n > train_len]
+  configs = {(n, y): extrapolation.extended_config(setup.model_cfg, train_len, n, y)
+             for n, y in plan}  # a model that already uses YaRN is refused before any compile
+  tok = setup.tokenizer
+  documents = extrapolation.strip_document_marks(
+      data_lib.token_sequences(config.data, tok, "eval"), tok.bos_id, tok.eos_id)
+  windows = {n: extrapolation.document_windows(documents, n, bos=tok.bos_id,
+                                               separator=tok.encode("\n"),
+                                               max_windows=max_windows) for n in lengths}
+  model = nnx.merge(graphdef, state.params, state.model_state)
+  set_execution(model, resolve_execution(setup.model_cfg, setup.mesh, expert_parallel=False))
+  curves = {}
+  for n, use_yarn in plan:
+    cfg = configs[(n, use_yarn)]
+    losses = extrapolation.position_losses(extrapolation.with_config(model, cfg), windows[n],
+                                           batch_size=min(8, len(windows[n])))
+    name = f"L{n}" + ("_yarn" if use_yarn else "")
+    curves[name] = {"length": n, "yarn_factor": cfg.yarn_factor, "windows": len(windows[n]),
+                    "loss": [round(float(v), 5) for v in losses]}
+    edges = [0, train_len, 2 * train_len, 4 * train_len, 8 * train_len, n]
+    edges = sorted({e for e in edges if e <= n})
+    means = extrapolation.bucket_means(losses, edges)
+    say(f"{name}: {len(windows[n])} windows; mean loss by position " + ", ".join(
+        f"[{lo}, {hi}) {m:.4f}" for lo, hi, m in zip(edges, edges[1:], means)))
+  result = {"step": step, "train_len": train_len, "curves": curves}
+  if output and jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output + ".tmp", "w") as f:
+      json.dump(result, f)
+    os.replace(output + ".tmp", output)  # a reader never sees half a file
+    say(f"wrote {output}")
   return result
 
 

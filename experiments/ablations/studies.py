@@ -37,6 +37,8 @@ class Study:
   config: str = CONFIG  # a config file, with variants after ":"
   timed: bool = False  # its results include training time: runs must not share the CPU
   kind: str = "train"  # "train": experiments/train.py runs; "rl": experiments/rl.py runs
+  # experiments/evaluate.py arguments run after training (its --output goes in the run's folder)
+  evaluate: tuple[str, ...] = ()
 
   def config_file(self, full: bool) -> str:
     """The config file argument; ``full`` adds the accelerator-scale variant."""
@@ -96,9 +98,11 @@ def new_figure(n_cols: int, n_rows: int = 1, width: float = 5.0, height: float =
 
 
 def save(fig, results: dict, png: str) -> None:
+  import textwrap
   seeds = len(results["seeds"])
-  fig.suptitle(f"{results['question']}\n(toy scale: {results['config']}; mean of {seeds} seeds, "
-               "band / bars = seed min to max)", fontsize=10)
+  width = int(fig.get_figwidth() * 13)  # characters that fit at fontsize 10
+  fig.suptitle(f"{textwrap.fill(results['question'], width)}\n(toy scale: {results['config']}; "
+               f"mean of {seeds} seeds, band / bars = seed min to max)", fontsize=10)
   fig.tight_layout()
   fig.savefig(png, dpi=90)
   import matplotlib.pyplot as plt
@@ -185,6 +189,138 @@ LATENT_WIDTH = Study(
         "gqa_kv2": (f"{M}attention_kind=gqa", f"{M}n_kv_heads=2"),
     },
     table=_latent_width_table, plot=_latent_width_plot, describe=_kv_describe)
+
+
+# --- study 2: decoupled RoPE ------------------------------------------------------------------
+
+def _rope_describe(model: ModelConfig, config) -> dict:
+  mla = model.attention_kind == "mla"
+  return {"attention": model.attention_kind,
+          "decoupled_rope": model.decoupled_rope if mla else None, "kv_lora_rank": model.kv_lora_rank if mla else None, "q_lora_rank": model.q_lora_rank,
+          "kv_heads": model.kv_heads,
+          "kv_bytes_per_token": analytics.kv_cache_bytes_per_token(
+              model, "latent" if mla else "expanded"), **_params(model)}
+
+
+def _rope_kind(info: dict) -> str:
+  if info["attention"] != "mla":
+    return f"{info['attention'].upper()} ({info['kv_heads']} KV heads)"
+  return "MLA, " + ("decoupled RoPE (shared k_R)" if info["decoupled_rope"] else
+                    "RoPE on up-projected keys")
+
+
+def position_mean(run: dict, curve: str, lo: int, hi: int) -> float:
+  """Mean loss over positions [lo, hi) of one run's ``positions`` curve (bucketed means; lo and
+  hi on bucket edges)."""
+  c = run["positions"]["curves"][curve]
+  b = c["bucket"]
+  return statistics.mean(c["loss"][lo // b:hi // b])
+
+
+def _rope_table(results: dict) -> str:
+  rows = []
+  for point, info in results["point_info"].items():
+    run = next(iter(results["runs"][point].values()))
+    t = run["positions"]["train_len"]
+    at = lambda curve, lo, hi: fmt(over_seeds(  # noqa: E731
+        results, point, lambda r: position_mean(r, curve, lo, hi)), 3)
+    rows.append([point, _rope_kind(info), info["kv_lora_rank"] or "—",
+                 f"{info['params_total']:,}", info["kv_bytes_per_token"],
+                 fmt(over_seeds(results, point, final_eval), 3),
+                 at(f"L{4 * t}", 0, t), at(f"L{4 * t}", t, 2 * t), at(f"L{4 * t}", 2 * t, 4 * t),
+                 at(f"L{2 * t}_yarn", t, 2 * t), at(f"L{4 * t}_yarn", 2 * t, 4 * t)])
+  t = next(iter(next(iter(results["runs"].values())).values()))["positions"]["train_len"]
+  columns = [f"{t}–{2 * t - 1} (2x)", f"{2 * t}–{4 * t - 1} (4x)", f"{t}–{2 * t - 1}, YaRN s = 2",
+             f"{2 * t}–{4 * t - 1}, YaRN s = 4"]
+  table = markdown(["point", "attention", "d_c", "params", "KV cache B/token (bf16, all layers)",
+                    "held-out loss (training rows)", f"loss at positions 0–{t - 1} (trained)",
+                    *columns], rows)
+  return table + _rope_paired_table(results, t, columns)
+
+
+ROPE_PAIRS = (("mla_decoupled_dc32", "mla_coupled_dc32"),
+              ("mla_decoupled_dc101", "mla_coupled_dc91"), ("mla_decoupled_dc32", "mha"))
+
+
+def _rope_paired_table(results: dict, t: int, columns: list[str]) -> str:
+  """Differences a - b seed by seed (same seed: same data order and initial key) for the pairs
+  of ROPE_PAIRS whose points were run; "" if none."""
+  ranges = (("L", 0, t), ("L", t, 2 * t), ("L", 2 * t, 4 * t), ("yarn2", t, 2 * t),
+            ("yarn4", 2 * t, 4 * t))
+  curve = {"L": f"L{4 * t}", "yarn2": f"L{2 * t}_yarn", "yarn4": f"L{4 * t}_yarn"}
+  rows = []
+  for a, b in ROPE_PAIRS:
+    if a not in results["runs"] or b not in results["runs"]:
+      continue
+    seeds = [s for s in results["runs"][a] if s in results["runs"][b]]
+    row = [f"{a} − {b}"]
+    for kind, lo, hi in ranges:
+      at = lambda point, seed: position_mean(  # noqa: E731
+          results["runs"][point][seed], curve[kind], lo, hi)
+      row.append(" / ".join(f"{at(a, seed) - at(b, seed):+.2f}" for seed in seeds))
+    rows.append(row)
+  if not rows:
+    return ""
+  return ("\n\nPaired by seed (a − b for each seed; positive: b has the lower loss):\n\n"
+          + markdown(["pair", f"positions 0–{t - 1}", *columns], rows))
+
+
+def _rope_plot(results: dict, png: str) -> None:
+  fig, ((ax_train, ax_plain), (ax_yarn2, ax_yarn4)) = new_figure(2, 2, width=6.5, height=4.3)
+  points = list(results["point_info"])
+  for i, point in enumerate(points):
+    color = COLORS[i % len(COLORS)]
+    band(ax_train, results, point, 1, color, table="eval")
+    runs = results["runs"][point]
+    first = next(iter(runs.values()))["positions"]
+    t, bucket = first["train_len"], first["curves"][f"L{2 * first['train_len']}"]["bucket"]
+    for ax, curve in ((ax_plain, f"L{4 * t}"), (ax_yarn2, f"L{2 * t}_yarn"),
+                      (ax_yarn4, f"L{4 * t}_yarn")):
+      view = {"runs": {point: {seed: {"pos": [
+          [k * c["bucket"] + c["bucket"] / 2, v] for k, v in enumerate(c["loss"])]}
+          for seed, r in runs.items() for c in [r["positions"]["curves"][curve]]}}}
+      band(ax, view, point, 1, color, table="pos")
+  ax_train.set(xlabel="training step", ylabel="held-out loss (nats/token, log scale)",
+               yscale="log", title=f"training ({t}-token rows, positions restart per document)")
+  titles = {ax_plain: (4 * t, f"windows of {4 * t} tokens, plain RoPE"),
+            ax_yarn2: (2 * t, f"windows of {2 * t} tokens, YaRN s = 2 (no fine-tuning)"),
+            ax_yarn4: (4 * t, f"windows of {4 * t} tokens, YaRN s = 4 (no fine-tuning)")}
+  top = max(ax.get_ylim()[1] for ax in titles)
+  for ax, (length, title) in titles.items():
+    for k in (1, 2):
+      if k * t < length:
+        ax.axvline(k * t, color="k", ls=":", lw=1)
+    ax.set(xlabel="position in the window (tokens; dotted: 1x, 2x the training length)",
+           ylabel=f"held-out loss (nats/token, {bucket}-position means)", title=title,
+           ylim=(0, top))
+  for ax in (ax_train, ax_plain):
+    ax.legend(fontsize=7)
+  save(fig, results, png)
+
+
+def _rope_points() -> dict[str, tuple[str, ...]]:
+  coupled = f"{M}decoupled_rope=False"
+  return {
+      # d_c = d_h = 32 (the preset): the two MLA forms have exactly equal parameters here
+      # (W_KR, d x d_R, has as many weights as W_UK's extra rotary rows, d_c x n_h d_R).
+      "mla_decoupled_dc32": (),
+      "mla_coupled_dc32": (coupled,),
+      # matched to MHA's parameters (1.851M) by each form's own knob, the latent width d_c
+      "mla_decoupled_dc101": (f"{M}kv_lora_rank=101",),
+      "mla_coupled_dc91": (coupled, f"{M}kv_lora_rank=91"),
+      "mha": (f"{M}attention_kind=mha",),
+      # GQA's K/V has half MHA's weights; the difference goes into the query compression
+      "gqa_kv2": (f"{M}attention_kind=gqa", f"{M}n_kv_heads=2", f"{M}q_lora_rank=128"),
+  }
+
+
+DECOUPLED_ROPE = Study(
+    name="decoupled_rope",
+    question="Study 2 (review open question 1): MLA with decoupled RoPE vs RoPE on the "
+             "up-projected keys vs MHA and GQA at matched parameters, and loss by position at "
+             "2x and 4x the training length with and without YaRN",
+    points=_rope_points(), table=_rope_table, plot=_rope_plot, describe=_rope_describe,
+    evaluate=("--lengths=2x,4x", "--yarn"), seeds=(0, 1, 2))
 
 
 # --- study 3: load balancing -----------------------------------------------------------------
@@ -423,5 +559,6 @@ GRPO_VS_PPO = Study(
     table=_rl_table, plot=_rl_plot, describe=_rl_describe)
 
 
-STUDIES = {s.name: s for s in (LATENT_WIDTH, LOAD_BALANCE, MTP_COST, GRPO_VS_PPO)}
+STUDIES = {s.name: s for s in (LATENT_WIDTH, DECOUPLED_ROPE, LOAD_BALANCE, MTP_COST,
+                                   GRPO_VS_PPO)}
 

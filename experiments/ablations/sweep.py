@@ -9,7 +9,9 @@ a Markdown table and a plot.
 
 Every point runs ``experiments/train.py --config=<the study's config> --config.seed=<seed>
 <the point's overrides> <--set overrides>`` in ``<workdir>/<study>/<point>/seed<N>`` (its log in
-``train.log`` there). A finished run (``sweep_run.json`` says complete) is skipped, an unfinished
+``train.log`` there), then, for a study with an evaluation (e.g. loss by position on long
+windows), ``experiments/evaluate.py`` with the same arguments writes ``evaluation.json`` there.
+A finished run (``sweep_run.json`` says complete) is skipped, an unfinished
 one resumes from its checkpoint, and a folder holding a run of other settings stops the sweep
 instead of being overwritten. ``--parallel=N`` runs N points at once (on 2 cores, 1 is fastest
 per run; 2 overlaps compilation; a study that measures time, mtp_cost, refuses it). ``--full``
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import ast
 import concurrent.futures
+import functools
 import json
 import os
 import pathlib
@@ -60,6 +63,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite_results", False,
                                "replace a results file made with another grid")
 
 RUN_FILE = "sweep_run.json"
+EVAL_FILE = "evaluation.json"  # a study's evaluation after training (Study.evaluate)
 
 
 def run_overrides(study: studies_lib.Study, point: str, seed: int, extra=()) -> list[str]:
@@ -179,21 +183,32 @@ def run_point(study: studies_lib.Study, point: str, seed: int, workdir: str, ext
   with open(marker, "w") as f:
     json.dump({"args": args, "complete": False}, f)
   script = "rl.py" if study.kind == "rl" else "train.py"
-  command = [sys.executable, str(REPO / "experiments" / script), f"--workdir={folder}", *args]
   log = os.path.join(folder, "train.log")
-  with open(log, "a") as out:
-    code = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT).returncode
-  if code == 75:  # the trainer's exit code for a preemption or Ctrl-C (checkpoint saved)
-    raise RunError(f"{study.name}/{point}/seed{seed} stopped early (preempted or interrupted; "
-                   f"its checkpoint is kept): rerun the sweep to resume it; log: {log}")
-  if code:
-    with open(log) as f:
-      errors = [line.strip() for line in f if line.startswith("error:")]
-    raise RunError(f"{study.name}/{point}/seed{seed} failed (exit {code}): "
-                       f"{errors[-1] if errors else 'see the log'}; log: {log}")
+  what = f"{study.name}/{point}/seed{seed}"
+  _run_logged([sys.executable, str(REPO / "experiments" / script), f"--workdir={folder}", *args],
+              log, what)
+  if study.evaluate:  # after training: the study's own evaluation of the last checkpoint
+    _run_logged([sys.executable, str(REPO / "experiments" / "evaluate.py"), f"--workdir={folder}",
+                 *args, *study.evaluate, f"--output={os.path.join(folder, EVAL_FILE)}",
+                 "--overwrite"], log, f"{what} (evaluation)")
   with open(marker, "w") as f:
     json.dump({"args": args, "complete": True}, f)
   return "ran"
+
+
+def _run_logged(command: list[str], log: str, what: str) -> None:
+  """Run ``command`` with its output appended to ``log``; raises cli.RunError naming ``what``
+  and the log's last ``error:`` line when it fails."""
+  with open(log, "a") as out:
+    code = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT).returncode
+  if code == 75:  # the trainer's exit code for a preemption or Ctrl-C (checkpoint saved)
+    raise RunError(f"{what} stopped early (preempted or interrupted; its checkpoint is kept): "
+                   f"rerun the sweep to resume it; log: {log}")
+  if code:
+    with open(log) as f:
+      errors = [line.strip() for line in f if line.startswith("error:")]
+    raise RunError(f"{what} failed (exit {code}): {errors[-1] if errors else 'see the log'}; "
+                   f"log: {log}")
 
 
 def read_rl_run(folder: str) -> dict:
@@ -226,11 +241,12 @@ def _records(folder: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def read_run(folder: str) -> dict:
+def read_run(folder: str, evaluated: bool = False) -> dict:
   """One run's curves from its metrics.jsonl: ``train`` rows [step, ce, load entropy, load
   max/mean, seconds of training so far (compilation, evaluation and saves excluded), mtp ce],
-  ``eval`` rows [step, held-out loss], ``final_load`` [MoE layers][E] of the last logged step.
-  Raises FileNotFoundError naming the file."""
+  ``eval`` rows [step, held-out loss], ``final_load`` [MoE layers][E] of the last logged step;
+  with ``evaluated``, ``positions`` (``read_positions``) from the study's evaluation. Raises
+  FileNotFoundError naming the file."""
   path = os.path.join(folder, "metrics.jsonl")
   records = _records(folder)
   train, evals, final_load, seconds, last = [], [], None, 0.0, None
@@ -246,7 +262,29 @@ def read_run(folder: str) -> dict:
       final_load = r.get("moe_load", final_load)
   if not evals:
     raise FileNotFoundError(f"{path} has no held-out evaluations (eval_loss records)")
-  return {"train": train, "eval": evals, "final_load": final_load}
+  run = {"train": train, "eval": evals, "final_load": final_load}
+  if evaluated:
+    run["positions"] = read_positions(os.path.join(folder, EVAL_FILE))
+  return run
+
+
+def read_positions(path: str, bucket: int = 16) -> dict:
+  """The curves of ``experiments/evaluate.py --lengths`` (``trainer.position_loss``), each
+  loss curve averaged over buckets of ``bucket`` positions (``loss`` [L / bucket]; the results
+  file stays small). Raises FileNotFoundError naming the file."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist; the run's evaluation has not been made "
+                            "(rerun the sweep)")
+  with open(path) as f:
+    result = json.load(f)
+  curves = {}
+  for name, c in result["curves"].items():
+    loss = c["loss"]
+    curves[name] = {"length": c["length"], "yarn_factor": c["yarn_factor"],
+                    "windows": c["windows"], "bucket": bucket,
+                    "loss": [round(sum(loss[i:i + bucket]) / len(loss[i:i + bucket]), 5)
+                             for i in range(0, len(loss), bucket)]}
+  return {"train_len": result["train_len"], "step": result["step"], "curves": curves}
 
 
 def collect(study: studies_lib.Study, seeds: list[int], workdir: str, facts: dict,
@@ -254,7 +292,10 @@ def collect(study: studies_lib.Study, seeds: list[int], workdir: str, facts: dic
   """The results file's content: the grid, per-point facts and every run's curves."""
   from deepseek_jax.train.metrics import host_cpu_name
   import jax
-  read = read_rl_run if study.kind == "rl" else read_run
+  if study.kind == "rl":
+    read = read_rl_run
+  else:
+    read = functools.partial(read_run, evaluated=bool(study.evaluate))
   runs = {point: {str(seed): read(run_dir(workdir, study.name, point, seed))
                   for seed in seeds} for point in facts}
   return {"study": study.name, "question": study.question, "command": command,

@@ -124,6 +124,34 @@ def test_evaluate_and_sample_read_the_latest_checkpoint(reference_run):
   assert "--- sample ---\n1 + 1 =" in chat.stdout
 
 
+def test_evaluate_gives_the_loss_by_position_on_windows_past_the_training_length(reference_run,
+                                                                                tmp_path):
+  workdir, _ = reference_run
+  out = tmp_path / "positions.json"
+  # the tiny preset already uses YaRN (yarn_factor=4): rescaling it again is refused
+  proc = _run("evaluate.py", workdir, "--lengths=2x")
+  assert proc.returncode == 1 and proc.stderr.strip() == (
+      "error: --yarn rescales a model trained without YaRN, but this one has yarn_factor=4.0; "
+      "evaluate it with --noyarn")
+  proc = _run("evaluate.py", workdir, "--lengths=1x,2x", "--noyarn", "--windows=3",
+              f"--output={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["step"] == 24 and result["train_len"] == 64
+  assert sorted(result["curves"]) == ["L128", "L64"]
+  curve = result["curves"]["L128"]
+  assert curve["windows"] == 3 and curve["yarn_factor"] == 4.0 and len(curve["loss"]) == 128
+  assert all(np.isfinite(curve["loss"])) and "L128: 3 windows; mean loss by position [0, 64)" \
+      in proc.stdout
+  again = _run("evaluate.py", workdir, "--lengths=2x", "--noyarn", f"--output={out}")
+  assert again.returncode == 1 and again.stderr.strip() == (
+      f"error: {out} exists; give another --output or delete it")
+  for bad, message in [(["--lengths=two"], "'two' is neither a token count"),
+                       ([f"--output={out}"], "--output go with --lengths")]:
+    proc = _run("evaluate.py", workdir, *bad)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
 def test_a_different_model_is_refused_and_nothing_is_overwritten(reference_run):
   workdir, _ = reference_run
   before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
