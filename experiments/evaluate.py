@@ -36,17 +36,23 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
   del argv
+  cli.run_cli(_evaluate)
+
+
+def _evaluate():
   if _LENGTHS.value is None:
     given = [f"--{f.name}" for f in (_YARN, _WINDOWS, _OUTPUT, _OVERWRITE) if f.present]
     if given:
-      raise app.UsageError(f"{', '.join(given)} go with --lengths (loss by position)")
-    cli.run_cli(trainer.evaluate, _CONFIG.value, _WORKDIR.value, step=_STEP.value,
-                max_batches=_BATCHES.value)
-    return
-  cli.run_cli(trainer.position_loss, _CONFIG.value, _WORKDIR.value, _LENGTHS.value,
-              yarn=_YARN.value,
-              step=_STEP.value, max_windows=_WINDOWS.value, output=_OUTPUT.value,
-              overwrite=_OVERWRITE.value)
+      raise ValueError(f"{', '.join(given)}: only used with --lengths (loss by position); "
+                       "add e.g. --lengths=2x,4x or drop them")
+    return trainer.evaluate(_CONFIG.value, _WORKDIR.value, step=_STEP.value,
+                            max_batches=_BATCHES.value)
+  if _BATCHES.present:
+    raise ValueError("--batches is for the mean held-out loss; with --lengths, cap the windows "
+                     "with --windows=N")
+  return trainer.position_loss(_CONFIG.value, _WORKDIR.value, _LENGTHS.value, yarn=_YARN.value,
+                               step=_STEP.value, max_windows=_WINDOWS.value,
+                               output=_OUTPUT.value, overwrite=_OVERWRITE.value)
 
 
 if __name__ == "__main__":

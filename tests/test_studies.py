@@ -196,23 +196,29 @@ def test_the_decoupled_rope_table_and_plot_from_made_up_results(tmp_path):
       # + 0.02 per seed)
       curves = {name: {"length": n, "yarn_factor": s, "windows": 9, "bucket": 16,
                        "loss": [1 + k / 10 + (s > 1) + 0.1 * i + 0.02 * int(seed)
-                                for k in range(n // 16)]}
+                                for k in range(n // 16)],
+                       "in_range_first_document": 0.5 + 0.1 * i + 0.02 * int(seed),
+                       "in_range_later_documents": 0.9 + 0.1 * i + 0.02 * int(seed)}
                 for name, n, s in (("L256", 256, 1.0), ("L512", 512, 1.0),
                                    ("L256_yarn", 256, 2.0), ("L512_yarn", 512, 4.0))}
       run["positions"] = {"train_len": 128, "step": 300, "curves": curves}
   paths = sweep.write_outputs(study, results, str(tmp_path))
   assert pathlib.Path(paths[1]).stat().st_size > 20_000
   table = pathlib.Path(paths[0]).read_text()
-  assert "| 128–255 (2x) | 256–511 (4x) | 128–255, YaRN s = 2 | 256–511, YaRN s = 4 |" in table
+  assert ("| loss at 0–127 | 0–127, first document | 0–127, later documents | 128–255 (2x; 256-token "
+          "windows) | 256–511 (4x; 512-token windows) | YaRN s = 4: 0–127 | YaRN s = 2: 128–255 "
+          "| YaRN s = 4: 256–511 |") in table
   row = next(line for line in table.splitlines() if line.startswith("| mha |"))
   # mha is point 4 (+0.4): buckets 0-7 average 1.35, 8-15 2.15, 16-31 3.35; YaRN adds 1; the
   # seeds' mean adds 0.01 and they span +-0.01
-  for mean in (1.76, 2.56, 3.76, 3.56, 4.76):
-    assert f"| {mean:.3f} ({mean - 0.01:.3f} to {mean + 0.01:.3f})" in row, (mean, row)
+  cells = [c.strip() for c in row.split("|")[7:-1]]
+  assert cells == [f"{m:.3f} ({m - 0.01:.3f} to {m + 0.01:.3f})"
+                   for m in (1.76, 0.91, 1.31, 2.56, 3.76, 2.76, 3.56, 4.76)], cells
   # paired by seed: point 0 - point 4 = -0.4 in every column and seed
+  assert "Paired by seed (a − b for seeds 0 / 1;" in table
   paired = next(line for line in table.splitlines()
                 if line.startswith("| mla_decoupled_dc32 − mha |"))
-  assert paired.count("-0.40 / -0.40") == 5
+  assert paired.count("-0.40 / -0.40") == 8
   assert "| MHA (4 KV heads) | — | 1,850,752 | 2560 |" in row
 
 
@@ -234,3 +240,10 @@ def test_a_small_sweep_with_an_evaluation_after_training(tmp_path):
                              np.mean(full["curves"]["L128"]["loss"][32:48]), atol=1e-5)
   assert "| mla_coupled_dc32 | MLA, RoPE on up-projected keys |" in \
       (tmp_path / "results" / "decoupled_rope.md").read_text()
+  # a complete run whose evaluation went missing: only the evaluation is redone
+  (run_dir / sweep.EVAL_FILE).unlink()
+  again = _sweep(*args)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "mla_coupled_dc32 seed 0: evaluated" in again.stdout
+  assert "mla_decoupled_dc32 seed 0: skipped" in again.stdout
+  assert json.loads((run_dir / sweep.EVAL_FILE).read_text())["curves"].keys() == full["curves"].keys()

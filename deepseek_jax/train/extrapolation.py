@@ -33,16 +33,16 @@ from deepseek_jax.train.loss import token_log_probs
 
 def parse_lengths(items: Sequence, train_len: int) -> list[int]:
   """Window lengths from ``items``: token counts (256) or multiples of the training length
-  ("2x" = 2 * ``train_len``); sorted, without repeats. Raises ValueError naming the item for
-  anything else, a non-positive length or an empty list."""
+  ("2x" = 2 * ``train_len``, rounded to whole tokens); sorted, without repeats. Raises
+  ValueError naming the item for anything else, a non-positive length or an empty list."""
   lengths = set()
   for item in items:
     text = str(item).strip()
     try:
-      n = int(float(text[:-1]) * train_len) if text.endswith("x") else int(text)
-    except ValueError:
-      raise ValueError(f"--lengths: {text!r} is neither a token count (e.g. 512) nor a multiple "
-                       "of train.seq_len (e.g. 4x)") from None
+      n = round(float(text[:-1]) * train_len) if text.endswith("x") else int(text)
+    except (ValueError, OverflowError):  # "abc"; "infx", "nanx"
+      raise ValueError(f"--lengths: {text!r} is neither a token count (e.g. 512) nor a finite "
+                       "multiple of train.seq_len (e.g. 4x)") from None
     if n < 1:
       raise ValueError(f"--lengths: {text!r} gives {n} tokens; a window needs >= 1")
     lengths.add(n)
@@ -53,35 +53,40 @@ def parse_lengths(items: Sequence, train_len: int) -> list[int]:
 
 def document_windows(documents: Sequence[np.ndarray], length: int, *, bos: Optional[int] = None,
                      separator: Sequence[int] = (), max_windows: Optional[int] = None
-                     ) -> np.ndarray:
-  """Windows of ``length + 1`` tokens [N, length + 1] int32 (inputs = w[:, :-1], targets =
-  w[:, 1:]): ``bos`` (if given), then whole documents in order joined by ``separator``, so
-  every window starts at a document's first token and reads as one long document. The document
-  that overflows a window is cut there and the next window starts with the next document. At
-  most ``max_windows`` (None: as many as the documents fill).
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """Windows of ``length + 1`` tokens (inputs = w[:, :-1], targets = w[:, 1:]): ``bos`` (if
+  given), then whole documents in order joined by ``separator``, so every window starts at a
+  document's first token and reads as one long document. The document that overflows a window
+  is cut there and the next window starts with the next document. At most ``max_windows``
+  (None: as many as the documents fill).
 
-  ``documents``: token ids without BOS/EOS (``strip_document_marks``). An EOS inside a window
-  would be an input the model never saw in training (EOS is only ever a target), so documents
-  are joined by text it did see, e.g. the tokens of a newline. Raises ValueError when
-  ``length`` < 1 or the documents fill no window."""
+  Returns (windows [N, length + 1] int32, document [N, length + 1] int32: which document of
+  its window each token belongs to, 0 for the first (and BOS), a separator counted with the
+  document after it). ``documents``: token ids without BOS/EOS (``strip_document_marks``). An
+  EOS inside a window would be an input the model never saw in training (EOS is only ever a
+  target), so documents are joined by text it did see, e.g. the tokens of a newline. Raises
+  ValueError when ``length`` < 1 or the documents fill no window."""
   if length < 1:
     raise ValueError(f"a window length must be >= 1 token, got {length}")
   start = [] if bos is None else [int(bos)]
-  windows, row = [], list(start)
+  windows, owners, row, owner = [], [], list(start), [0] * len(start)
   for doc in documents:
-    if len(row) > len(start):
+    index = owner[-1] + 1 if len(row) > len(start) else 0
+    if index:
       row.extend(int(t) for t in separator)
     row.extend(int(t) for t in doc)
+    owner.extend([index] * (len(row) - len(owner)))
     if len(row) >= length + 1:
       windows.append(row[:length + 1])
-      row = list(start)
+      owners.append(owner[:length + 1])
+      row, owner = list(start), [0] * len(start)
       if max_windows is not None and len(windows) >= max_windows:
         break
   if not windows:
     total = sum(len(d) for d in documents)
     raise ValueError(f"the held-out documents hold {total} tokens, fewer than one window of "
                      f"{length + 1}; evaluate shorter lengths or add held-out data")
-  return np.asarray(windows, np.int32)
+  return np.asarray(windows, np.int32), np.asarray(owners, np.int32)
 
 
 def strip_document_marks(sequences: Sequence[np.ndarray], bos: Optional[int],
@@ -107,8 +112,9 @@ def extended_config(cfg: ModelConfig, train_len: int, length: int, yarn: bool) -
   updates = {"max_seq_len": max(cfg.max_seq_len, length)}
   if yarn and length > train_len:
     if cfg.yarn_factor > 1.0:
-      raise ValueError(f"--yarn rescales a model trained without YaRN, but this one has "
-                       f"yarn_factor={cfg.yarn_factor}; evaluate it with --noyarn")
+      raise ValueError(f"YaRN at evaluation rescales a model trained without YaRN, but this "
+                       f"one has yarn_factor={cfg.yarn_factor}; evaluate it without (evaluate.py "
+                       "--noyarn)")
     updates.update(yarn_factor=length / train_len, yarn_original_max_len=train_len)
   return cfg.replace(**updates)
 
@@ -126,11 +132,11 @@ def with_config(model: DeepSeekModel, cfg: ModelConfig) -> DeepSeekModel:
   return nnx.merge(graphdef, state)
 
 
-def position_losses(model: DeepSeekModel, windows: np.ndarray, batch_size: int = 8) -> np.ndarray:
-  """Mean next-token loss -log p (nats, float64) [L] at every position 0..L-1 of ``windows``
-  [N, L + 1] (``document_windows``), one causal span per window, positions 0..L-1; the float32
-  log-softmax of ``train.loss``. Batches of ``batch_size`` windows (the last one padded and its
-  padding excluded)."""
+def token_losses(model: DeepSeekModel, windows: np.ndarray, batch_size: int = 8) -> np.ndarray:
+  """Next-token loss -log p (nats, float32) [N, L] of every target of ``windows`` [N, L + 1]
+  (``document_windows``), one causal span per window, positions 0..L-1; the float32
+  log-softmax of ``train.loss``. Batches of ``batch_size`` windows (the last one padded with
+  copies, which are dropped)."""
   graphdef, state = nnx.split(model)
 
   @jax.jit
@@ -138,14 +144,20 @@ def position_losses(model: DeepSeekModel, windows: np.ndarray, batch_size: int =
     out = nnx.merge(graphdef, state)(tokens[:, :-1])
     return -token_log_probs(out.logits, tokens[:, 1:])
 
-  total = np.zeros(windows.shape[1] - 1, np.float64)
+  losses = []
   for start in range(0, len(windows), batch_size):
     batch = windows[start:start + batch_size]
     n = len(batch)
-    if n < batch_size:  # one compiled shape: pad with copies, drop their losses
+    if n < batch_size:  # one compiled shape
       batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - n, 0)])
-    total += np.asarray(jax.device_get(nll(state, jnp.asarray(batch))), np.float64)[:n].sum(0)
-  return total / len(windows)
+    losses.append(np.asarray(jax.device_get(nll(state, jnp.asarray(batch))))[:n])
+  return np.concatenate(losses)
+
+
+def position_losses(model: DeepSeekModel, windows: np.ndarray, batch_size: int = 8) -> np.ndarray:
+  """Mean next-token loss (nats, float64) [L] at every position 0..L-1 over ``windows``
+  [N, L + 1] (``token_losses`` averaged over the windows)."""
+  return token_losses(model, windows, batch_size).astype(np.float64).mean(0)
 
 
 def bucket_means(losses: Sequence[float], edges: Sequence[int]) -> list[float]:

@@ -505,10 +505,20 @@ def _load_for_inference(config, workdir: str, step: Optional[int]):
   """Read-only: the workdir must exist (nothing is created); ``step`` (0 included) or the
   newest checkpoint that verifies. Only the weights are read, so a training workdir and a
   parameters checkpoint (convert --to_orbax) both work."""
+  setup = _inference_setup(config, workdir)
+  return (setup, *_inference_weights(setup, workdir, step))
+
+
+def _inference_setup(config, workdir: str) -> Setup:
+  """The checks and setup of reading a checkpoint, before any weight is read."""
   check_workdir(workdir, must_exist=True)
   # An RL run's config (deepseek_jax/rl/config.py) adds sections that reading weights ignores;
   # its model, data, mesh and sample sections are this module's.
-  setup = start_setup(config, schema=config if "rl" in config else None)
+  return start_setup(config, schema=config if "rl" in config else None)
+
+
+def _inference_weights(setup: Setup, workdir: str, step: Optional[int]):
+  """(graphdef, TrainState with params and model state, step) of the chosen checkpoint."""
   root = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(root):
     raise FileNotFoundError(f"no checkpoints in {workdir}; train first with --workdir={workdir}")
@@ -520,7 +530,7 @@ def _load_for_inference(config, workdir: str, step: Optional[int]):
   model = load_model(step_dir, mesh=setup.mesh, rules=setup.config.partitioning.rules,
                      execution=setup.execution, config=setup.model_cfg, verified=True)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  return setup, graphdef, TrainState(None, params, rest, None), step
+  return graphdef, TrainState(None, params, rest, None), step
 
 
 def evaluate(config, workdir: str, step: Optional[int] = None, max_batches: Optional[int] = None):
@@ -539,54 +549,105 @@ def position_loss(config, workdir: str, lengths, *, yarn: bool = True,
   twice ``train.seq_len``: ``extrapolation.parse_lengths``; lengths past ``train.seq_len``
   test extrapolation; held-out documents joined by newlines), and with ``yarn`` also under
   YaRN for those lengths (``train.extrapolation``). ``max_windows`` caps the windows per
-  length. Returns (and with ``output`` writes as JSON) {"step", "train_len", "curves": {name:
-  {"length", "yarn_factor", "windows", "loss": [L] mean nats per position}}}, curves named
-  "L<length>" and "L<length>_yarn". Raises ValueError for a bad or empty length list, a model
-  that already uses YaRN when ``yarn``, too little held-out data, several processes;
-  FileExistsError when ``output`` exists and not ``overwrite`` (checked before anything is
-  loaded)."""
+  length.
+
+  Returns (and with ``output`` writes as JSON) {"step", "train_len", "curves": {name:
+  {"length", "yarn_factor", "windows", "loss": [L] mean nats per position,
+  "in_range_first_document", "in_range_later_documents": mean nats over the targets at
+  positions < train_len in a window's first document / in the documents after it}}}, curves
+  named "L<length>" and "L<length>_yarn". The later documents' in-range loss is the reference
+  for positions past train_len, which lie in later documents too.
+
+  Raises, before the weights are read: ValueError for a bad or empty length list, a model that
+  already uses YaRN when ``yarn``, too little held-out data, several processes;
+  FileExistsError when ``output`` exists and not ``overwrite``; IsADirectoryError or
+  PermissionError for an ``output`` that cannot be written."""
   lengths = extrapolation.parse_lengths(lengths, config.train.seq_len)
   if jax.process_count() > 1:
     raise ValueError("--lengths (loss by position) runs in one process, not "
                      f"{jax.process_count()}; run evaluate.py on one host")
   if max_windows is not None and max_windows < 1:
     raise ValueError(f"--windows must be >= 1, got {max_windows}")
-  if output and os.path.exists(output) and not overwrite:
-    raise FileExistsError(f"{output} exists; give another --output or delete it")
-  setup, graphdef, state, step = _load_for_inference(config, workdir, step)
+  if output:
+    _check_output_file(output, overwrite)
+  setup = _inference_setup(config, workdir)
   train_len = config.train.seq_len
   plan = [(n, False) for n in lengths] + [(n, True) for n in lengths if yarn and n > train_len]
   configs = {(n, y): extrapolation.extended_config(setup.model_cfg, train_len, n, y)
-             for n, y in plan}  # a model that already uses YaRN is refused before any compile
+             for n, y in plan}
   tok = setup.tokenizer
   documents = extrapolation.strip_document_marks(
       data_lib.token_sequences(config.data, tok, "eval"), tok.bos_id, tok.eos_id)
   windows = {n: extrapolation.document_windows(documents, n, bos=tok.bos_id,
                                                separator=tok.encode("\n"),
                                                max_windows=max_windows) for n in lengths}
+  graphdef, state, step = _inference_weights(setup, workdir, step)
   model = nnx.merge(graphdef, state.params, state.model_state)
   set_execution(model, resolve_execution(setup.model_cfg, setup.mesh, expert_parallel=False))
   curves = {}
   for n, use_yarn in plan:
     cfg = configs[(n, use_yarn)]
-    losses = extrapolation.position_losses(extrapolation.with_config(model, cfg), windows[n],
-                                           batch_size=min(8, len(windows[n])))
+    tokens, owner = windows[n]
+    per_token = extrapolation.token_losses(extrapolation.with_config(model, cfg), tokens,
+                                           batch_size=min(8, len(tokens)))
+    losses = per_token.astype(np.float64).mean(0)
+    in_range = np.arange(n)[None] < train_len
+    first, later = (per_token[in_range & (owner[:, 1:] == 0)],
+                    per_token[in_range & (owner[:, 1:] > 0)])
     name = f"L{n}" + ("_yarn" if use_yarn else "")
-    curves[name] = {"length": n, "yarn_factor": cfg.yarn_factor, "windows": len(windows[n]),
-                    "loss": [round(float(v), 5) for v in losses]}
+    curves[name] = {"length": n, "yarn_factor": cfg.yarn_factor, "windows": len(tokens),
+                    "loss": [round(float(v), 5) for v in losses],
+                    "in_range_first_document": _mean_or_none(first),
+                    "in_range_later_documents": _mean_or_none(later)}
     edges = [0, train_len, 2 * train_len, 4 * train_len, 8 * train_len, n]
     edges = sorted({e for e in edges if e <= n})
     means = extrapolation.bucket_means(losses, edges)
-    say(f"{name}: {len(windows[n])} windows; mean loss by position " + ", ".join(
-        f"[{lo}, {hi}) {m:.4f}" for lo, hi, m in zip(edges, edges[1:], means)))
+    say(f"{name}: {len(tokens)} windows; mean loss by position " + ", ".join(
+        f"[{lo}, {hi}) {m:.4f}" for lo, hi, m in zip(edges, edges[1:], means))
+        + (f"; before {train_len}: first document {first.mean():.4f}, later documents "
+           f"{later.mean():.4f}" if first.size and later.size else ""))
   result = {"step": step, "train_len": train_len, "curves": curves}
   if output and jax.process_index() == 0:
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output + ".tmp", "w") as f:
-      json.dump(result, f)
-    os.replace(output + ".tmp", output)  # a reader never sees half a file
+    _write_json(output, result)
     say(f"wrote {output}")
   return result
+
+
+def _mean_or_none(x: np.ndarray) -> Optional[float]:
+  return round(float(x.mean()), 5) if x.size else None
+
+
+def _check_output_file(path: str, overwrite: bool) -> None:
+  """Before any work: ``path`` can be written (a new file, or an existing one with
+  ``overwrite``). Raises FileExistsError, IsADirectoryError or PermissionError naming it."""
+  if os.path.isdir(path):
+    raise IsADirectoryError(f"--output={path} is a folder; give a file path, e.g. "
+                            f"{os.path.join(path, 'position_loss.json')}")
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f"{path} exists; give another --output or delete it")
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):  # the first folder that exists must take new entries
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+    raise PermissionError(f"--output={path} cannot be written: {parent} is not a writable "
+                          "folder")
+
+
+def _write_json(path: str, value) -> None:
+  """Write atomically: a temporary file in the same folder, renamed over ``path``; removed if
+  anything fails, so a reader never sees half a file and nothing is left behind."""
+  import tempfile
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(value, f)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def sample(config, workdir: str, prompts=None, step: Optional[int] = None) -> list[str]:

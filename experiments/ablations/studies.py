@@ -210,59 +210,86 @@ def _rope_kind(info: dict) -> str:
 
 
 def position_mean(run: dict, curve: str, lo: int, hi: int) -> float:
-  """Mean loss over positions [lo, hi) of one run's ``positions`` curve (bucketed means; lo and
-  hi on bucket edges)."""
+  """Mean loss over positions [lo, hi) of one run's ``positions`` curve (bucketed means).
+  Raises ValueError unless lo and hi are bucket edges."""
   c = run["positions"]["curves"][curve]
   b = c["bucket"]
+  if lo % b or hi % b:
+    raise ValueError(f"positions [{lo}, {hi}) do not fall on the {b}-position buckets")
   return statistics.mean(c["loss"][lo // b:hi // b])
 
 
+def _rope_measures(t: int) -> list[tuple[str, str, object, object]]:
+  """(column, curve, lo, hi) of the table; lo = "first" / "later": the in-range loss of the
+  windows' first document / of the documents after it (the reference for positions >= t)."""
+  return [(f"0–{t - 1}", f"L{4 * t}", 0, t),
+          (f"0–{t - 1}, first document", f"L{4 * t}", "first", None),
+          (f"0–{t - 1}, later documents", f"L{4 * t}", "later", None),
+          (f"{t}–{2 * t - 1} (2x; {2 * t}-token windows)", f"L{2 * t}", t, 2 * t),
+          (f"{2 * t}–{4 * t - 1} (4x; {4 * t}-token windows)", f"L{4 * t}", 2 * t, 4 * t),
+          (f"YaRN s = 4: 0–{t - 1}", f"L{4 * t}_yarn", 0, t),
+          (f"YaRN s = 2: {t}–{2 * t - 1}", f"L{2 * t}_yarn", t, 2 * t),
+          (f"YaRN s = 4: {2 * t}–{4 * t - 1}", f"L{4 * t}_yarn", 2 * t, 4 * t)]
+
+
+def _measure(run: dict, curve: str, lo, hi) -> float:
+  if lo in ("first", "later"):
+    key = "in_range_first_document" if lo == "first" else "in_range_later_documents"
+    return run["positions"]["curves"][curve][key]
+  return position_mean(run, curve, lo, hi)
+
+
+def _measure_cell(results: dict, point: str, measure) -> str:
+  """mean (min to max) over the seeds; "—" when a run has no such tokens (e.g. no later
+  document starts inside a short training length)."""
+  values = [_measure(run, *measure[1:]) for run in results["runs"][point].values()]
+  if any(v is None for v in values):
+    return "—"
+  return fmt((statistics.mean(values), min(values), max(values)), 3)
+
+
+def _train_len(results: dict) -> int:
+  return next(iter(next(iter(results["runs"].values())).values()))["positions"]["train_len"]
+
+
 def _rope_table(results: dict) -> str:
+  t = _train_len(results)
+  measures = _rope_measures(t)
   rows = []
   for point, info in results["point_info"].items():
-    run = next(iter(results["runs"][point].values()))
-    t = run["positions"]["train_len"]
-    at = lambda curve, lo, hi: fmt(over_seeds(  # noqa: E731
-        results, point, lambda r: position_mean(r, curve, lo, hi)), 3)
     rows.append([point, _rope_kind(info), info["kv_lora_rank"] or "—",
                  f"{info['params_total']:,}", info["kv_bytes_per_token"],
                  fmt(over_seeds(results, point, final_eval), 3),
-                 at(f"L{4 * t}", 0, t), at(f"L{4 * t}", t, 2 * t), at(f"L{4 * t}", 2 * t, 4 * t),
-                 at(f"L{2 * t}_yarn", t, 2 * t), at(f"L{4 * t}_yarn", 2 * t, 4 * t)])
-  t = next(iter(next(iter(results["runs"].values())).values()))["positions"]["train_len"]
-  columns = [f"{t}–{2 * t - 1} (2x)", f"{2 * t}–{4 * t - 1} (4x)", f"{t}–{2 * t - 1}, YaRN s = 2",
-             f"{2 * t}–{4 * t - 1}, YaRN s = 4"]
+                 *(_measure_cell(results, point, m) for m in measures)])
   table = markdown(["point", "attention", "d_c", "params", "KV cache B/token (bf16, all layers)",
-                    "held-out loss (training rows)", f"loss at positions 0–{t - 1} (trained)",
-                    *columns], rows)
-  return table + _rope_paired_table(results, t, columns)
+                    "held-out loss (training rows)",
+                    *(f"loss at {m[0]}" if i == 0 else m[0] for i, m in enumerate(measures))],
+                   rows)
+  return table + _rope_paired_table(results, measures)
 
 
 ROPE_PAIRS = (("mla_decoupled_dc32", "mla_coupled_dc32"),
               ("mla_decoupled_dc101", "mla_coupled_dc91"), ("mla_decoupled_dc32", "mha"))
 
 
-def _rope_paired_table(results: dict, t: int, columns: list[str]) -> str:
+def _rope_paired_table(results: dict, measures: list) -> str:
   """Differences a - b seed by seed (same seed: same data order and initial key) for the pairs
-  of ROPE_PAIRS whose points were run; "" if none."""
-  ranges = (("L", 0, t), ("L", t, 2 * t), ("L", 2 * t, 4 * t), ("yarn2", t, 2 * t),
-            ("yarn4", 2 * t, 4 * t))
-  curve = {"L": f"L{4 * t}", "yarn2": f"L{2 * t}_yarn", "yarn4": f"L{4 * t}_yarn"}
-  rows = []
+  of ROPE_PAIRS that were run, over the seeds both have; "" if none."""
+  rows, seeds = [], None
   for a, b in ROPE_PAIRS:
     if a not in results["runs"] or b not in results["runs"]:
       continue
     seeds = [s for s in results["runs"][a] if s in results["runs"][b]]
     row = [f"{a} − {b}"]
-    for kind, lo, hi in ranges:
-      at = lambda point, seed: position_mean(  # noqa: E731
-          results["runs"][point][seed], curve[kind], lo, hi)
-      row.append(" / ".join(f"{at(a, seed) - at(b, seed):+.2f}" for seed in seeds))
+    for _, curve, lo, hi in measures:
+      at = lambda point, seed: _measure(results["runs"][point][seed], curve, lo, hi)  # noqa
+      row.append(" / ".join("—" if at(a, seed) is None or at(b, seed) is None
+                            else f"{at(a, seed) - at(b, seed):+.2f}" for seed in seeds))
     rows.append(row)
   if not rows:
     return ""
-  return ("\n\nPaired by seed (a − b for each seed; positive: b has the lower loss):\n\n"
-          + markdown(["pair", f"positions 0–{t - 1}", *columns], rows))
+  return (f"\n\nPaired by seed (a − b for seeds {' / '.join(seeds)}; positive: b has the lower "
+          "loss):\n\n" + markdown(["pair", *(m[0] for m in measures)], rows))
 
 
 def _rope_plot(results: dict, png: str) -> None:
@@ -286,10 +313,16 @@ def _rope_plot(results: dict, png: str) -> None:
             ax_yarn2: (2 * t, f"windows of {2 * t} tokens, YaRN s = 2 (no fine-tuning)"),
             ax_yarn4: (4 * t, f"windows of {4 * t} tokens, YaRN s = 4 (no fine-tuning)")}
   top = max(ax.get_ylim()[1] for ax in titles)
-  for ax, (length, title) in titles.items():
+  for (ax, (length, title)), curve in zip(titles.items(),
+                                         (f"L{4 * t}", f"L{2 * t}_yarn", f"L{4 * t}_yarn")):
     for k in (1, 2):
       if k * t < length:
         ax.axvline(k * t, color="k", ls=":", lw=1)
+    later = [_measure(r, curve, "later", None) for p in points
+             for r in results["runs"][p].values()]
+    if None not in later:
+      ax.axhline(statistics.mean(later), color="gray", ls="--", lw=1,
+                 label=f"later documents before {t} (all points)")
     ax.set(xlabel="position in the window (tokens; dotted: 1x, 2x the training length)",
            ylabel=f"held-out loss (nats/token, {bucket}-position means)", title=title,
            ylim=(0, top))

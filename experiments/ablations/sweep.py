@@ -11,9 +11,9 @@ Every point runs ``experiments/train.py --config=<the study's config> --config.s
 <the point's overrides> <--set overrides>`` in ``<workdir>/<study>/<point>/seed<N>`` (its log in
 ``train.log`` there), then, for a study with an evaluation (e.g. loss by position on long
 windows), ``experiments/evaluate.py`` with the same arguments writes ``evaluation.json`` there.
-A finished run (``sweep_run.json`` says complete) is skipped, an unfinished
-one resumes from its checkpoint, and a folder holding a run of other settings stops the sweep
-instead of being overwritten. ``--parallel=N`` runs N points at once (on 2 cores, 1 is fastest
+A finished run (``sweep_run.json`` says complete) is skipped, though its evaluation is redone
+when missing or made with other arguments; an unfinished one resumes from its checkpoint, and a
+folder holding a run of other settings stops the sweep instead of being overwritten. ``--parallel=N`` runs N points at once (on 2 cores, 1 is fastest
 per run; 2 overlaps compilation; a study that measures time, mtp_cost, refuses it). ``--full``
 uses the study's accelerator-scale config. The workdir is a local (or mounted) folder. Ctrl-C:
 the runs under way save a checkpoint and stop, the rest do not start; rerun to resume.
@@ -36,6 +36,7 @@ import ast
 import concurrent.futures
 import functools
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -172,33 +173,50 @@ def run_state(folder: str, args: list[str]) -> str:
 
 def run_point(study: studies_lib.Study, point: str, seed: int, workdir: str, extra=(),
               full: bool = False) -> str:
-  """Train one point (or skip it when complete); returns "ran" or "skipped". Raises
+  """Train one point (or skip it when complete); returns "ran", "skipped", or "evaluated" (a
+  complete run whose study evaluation was missing or made with other arguments). Raises
   FileExistsError when the folder holds a run of other settings, cli.RunError when the run
   fails (with its last error line and log)."""
   folder, args = run_args(study, point, seed, workdir, extra, full)
-  if run_state(folder, args) == "complete":
-    return "skipped"
   marker = os.path.join(folder, RUN_FILE)
-  os.makedirs(folder, exist_ok=True)
-  with open(marker, "w") as f:
-    json.dump({"args": args, "complete": False}, f)
-  script = "rl.py" if study.kind == "rl" else "train.py"
   log = os.path.join(folder, "train.log")
   what = f"{study.name}/{point}/seed{seed}"
+  record = {"args": args, "evaluate": list(study.evaluate)}
+  if run_state(folder, args) == "complete":
+    with open(marker) as f:
+      previous = json.load(f)
+    if not study.evaluate or (previous.get("evaluate") == record["evaluate"]
+                              and os.path.exists(os.path.join(folder, EVAL_FILE))):
+      return "skipped"
+    _evaluate_run(study, folder, args, log, what)  # trained; its evaluation missing or changed
+    with open(marker, "w") as f:
+      json.dump({**record, "complete": True}, f)
+    return "evaluated"
+  os.makedirs(folder, exist_ok=True)
+  with open(marker, "w") as f:
+    json.dump({**record, "complete": False}, f)
+  script = "rl.py" if study.kind == "rl" else "train.py"
   _run_logged([sys.executable, str(REPO / "experiments" / script), f"--workdir={folder}", *args],
               log, what)
-  if study.evaluate:  # after training: the study's own evaluation of the last checkpoint
-    _run_logged([sys.executable, str(REPO / "experiments" / "evaluate.py"), f"--workdir={folder}",
-                 *args, *study.evaluate, f"--output={os.path.join(folder, EVAL_FILE)}",
-                 "--overwrite"], log, f"{what} (evaluation)")
+  if study.evaluate:
+    _evaluate_run(study, folder, args, log, what)
   with open(marker, "w") as f:
-    json.dump({"args": args, "complete": True}, f)
+    json.dump({**record, "complete": True}, f)
   return "ran"
+
+
+def _evaluate_run(study: studies_lib.Study, folder: str, args: list[str], log: str,
+                  what: str) -> None:
+  """The study's evaluation of a trained run's last checkpoint, into <folder>/EVAL_FILE."""
+  _run_logged([sys.executable, str(REPO / "experiments" / "evaluate.py"), f"--workdir={folder}",
+               *args, *study.evaluate, f"--output={os.path.join(folder, EVAL_FILE)}",
+               "--overwrite"], log, f"{what} (evaluation)")
 
 
 def _run_logged(command: list[str], log: str, what: str) -> None:
   """Run ``command`` with its output appended to ``log``; raises cli.RunError naming ``what``
   and the log's last ``error:`` line when it fails."""
+  start = os.path.getsize(log) if os.path.exists(log) else 0
   with open(log, "a") as out:
     code = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT).returncode
   if code == 75:  # the trainer's exit code for a preemption or Ctrl-C (checkpoint saved)
@@ -206,6 +224,7 @@ def _run_logged(command: list[str], log: str, what: str) -> None:
                    f"rerun the sweep to resume it; log: {log}")
   if code:
     with open(log) as f:
+      f.seek(start)  # this attempt's lines only
       errors = [line.strip() for line in f if line.startswith("error:")]
     raise RunError(f"{what} failed (exit {code}): {errors[-1] if errors else 'see the log'}; "
                    f"log: {log}")
@@ -270,18 +289,22 @@ def read_run(folder: str, evaluated: bool = False) -> dict:
 
 def read_positions(path: str, bucket: int = 16) -> dict:
   """The curves of ``experiments/evaluate.py --lengths`` (``trainer.position_loss``), each
-  loss curve averaged over buckets of ``bucket`` positions (``loss`` [L / bucket]; the results
-  file stays small). Raises FileNotFoundError naming the file."""
+  loss curve averaged over buckets of gcd(``bucket``, train_len) positions (``loss``
+  [ceil(L / bucket)]; the results file stays small, and multiples of train_len stay bucket
+  edges). Raises FileNotFoundError naming the file."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist; the run's evaluation has not been made "
                             "(rerun the sweep)")
   with open(path) as f:
     result = json.load(f)
+  bucket = math.gcd(bucket, result["train_len"])
   curves = {}
   for name, c in result["curves"].items():
     loss = c["loss"]
     curves[name] = {"length": c["length"], "yarn_factor": c["yarn_factor"],
                     "windows": c["windows"], "bucket": bucket,
+                    "in_range_first_document": c.get("in_range_first_document"),
+                    "in_range_later_documents": c.get("in_range_later_documents"),
                     "loss": [round(sum(loss[i:i + bucket]) / len(loss[i:i + bucket]), 5)
                              for i in range(0, len(loss), bucket)]}
   return {"train_len": result["train_len"], "step": result["step"], "curves": curves}
@@ -323,7 +346,8 @@ def main(argv):
   if _LIST.value:
     for s in studies_lib.STUDIES.values():
       print(f"{s.name}: {s.question}\n  config {s.config_file(False)} | points: "
-            + "; ".join(f"{p} {' '.join(o) or '(base)'}" for p, o in s.points.items()))
+            + "; ".join(f"{p} {' '.join(o) or '(base)'}" for p, o in s.points.items())
+            + (f"\n  then experiments/evaluate.py {' '.join(s.evaluate)}" if s.evaluate else ""))
     return
   cli.run_cli(_sweep)
 

@@ -19,8 +19,10 @@ from deepseek_jax.train import extrapolation as ex
 def test_lengths_are_token_counts_or_multiples_of_the_training_length():
   assert ex.parse_lengths(["4x", "2x", "300", "256"], 128) == [256, 300, 512]
   assert ex.parse_lengths(["1.5x"], 64) == [96]
+  assert ex.parse_lengths(["1.3x"], 128) == [166]  # 166.4 rounded
   for bad, message in [(["abc"], "'abc' is neither"), (["0"], "gives 0 tokens"),
-                       (["0x"], "'0x' gives 0 tokens"), ([], "empty")]:
+                       (["0x"], "'0x' gives 0 tokens"), ([], "empty"),
+                       (["infx"], "'infx' is neither"), (["nanx"], "'nanx' is neither")]:
     with pytest.raises(ValueError, match=message):
       ex.parse_lengths(bad, 128)
 
@@ -28,13 +30,16 @@ def test_lengths_are_token_counts_or_multiples_of_the_training_length():
 def test_windows_join_whole_documents_and_each_starts_with_bos_and_a_document():
   docs = [np.array([1, 2]), np.array([3, 4, 5]), np.array([6]), np.array([7, 8, 9, 10, 11]),
           np.array([12])]
-  w = ex.document_windows(docs, 4, bos=0, separator=[9])
+  w, owner = ex.document_windows(docs, 4, bos=0, separator=[9])
   # [0 1 2 | 9 3 4 5] cut at 5 tokens; then [0 6 | 9 7 8 9 10 11] cut; [0 12] is too short
   np.testing.assert_array_equal(w, [[0, 1, 2, 9, 3], [0, 6, 9, 7, 8]])
-  assert w.dtype == np.int32
+  np.testing.assert_array_equal(owner, [[0, 0, 0, 1, 1], [0, 0, 1, 1, 1]])  # 9 joins the next
+  assert w.dtype == owner.dtype == np.int32
   np.testing.assert_array_equal(ex.document_windows(docs, 4, bos=0, separator=[9],
-                                                    max_windows=1), [[0, 1, 2, 9, 3]])
-  np.testing.assert_array_equal(ex.document_windows(docs, 2), [[1, 2, 3], [6, 7, 8]])
+                                                    max_windows=1)[0], [[0, 1, 2, 9, 3]])
+  w, owner = ex.document_windows(docs, 2)
+  np.testing.assert_array_equal(w, [[1, 2, 3], [6, 7, 8]])
+  np.testing.assert_array_equal(owner, [[0, 0, 1], [0, 1, 1]])
   with pytest.raises(ValueError, match="hold 12 tokens, fewer than one window of 101"):
     ex.document_windows(docs, 100)
   with pytest.raises(ValueError, match=">= 1 token"):
@@ -59,7 +64,7 @@ def test_yarn_at_evaluation_scales_by_the_length_over_the_training_length():
   assert yarn.softmax_scale == pytest.approx(cfg.softmax_scale * (0.1 * math.log(4) + 1) ** 2)
   f0, f1 = rotary_from_config(cfg).inv_freq(), rotary_from_config(yarn).inv_freq()
   assert f1[0] == f0[0] and f1[-1] == pytest.approx(f0[-1] / 4)
-  with pytest.raises(ValueError, match="yarn_factor=4.0; evaluate it with --noyarn"):
+  with pytest.raises(ValueError, match="yarn_factor=4.0; evaluate it without"):
     ex.extended_config(ModelConfig.preset("tiny"), 64, 256, yarn=True)
 
 
@@ -96,6 +101,9 @@ def test_position_losses_equal_the_per_token_loss_computed_directly(tiny_model):
   # causal: the loss at a position does not depend on the tokens after it
   shorter = ex.position_losses(model, windows[:, :17], batch_size=8)
   np.testing.assert_allclose(shorter, got[:16], rtol=2e-5)
+  per_token = ex.token_losses(model, windows, batch_size=3)
+  assert per_token.shape == (5, 32)
+  np.testing.assert_allclose(per_token, nll, rtol=2e-5)
 
 
 def test_bucket_means():

@@ -131,8 +131,8 @@ def test_evaluate_gives_the_loss_by_position_on_windows_past_the_training_length
   # the tiny preset already uses YaRN (yarn_factor=4): rescaling it again is refused
   proc = _run("evaluate.py", workdir, "--lengths=2x")
   assert proc.returncode == 1 and proc.stderr.strip() == (
-      "error: --yarn rescales a model trained without YaRN, but this one has yarn_factor=4.0; "
-      "evaluate it with --noyarn")
+      "error: YaRN at evaluation rescales a model trained without YaRN, but this one has "
+      "yarn_factor=4.0; evaluate it without (evaluate.py --noyarn)")
   proc = _run("evaluate.py", workdir, "--lengths=1x,2x", "--noyarn", "--windows=3",
               f"--output={out}")
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -143,13 +143,22 @@ def test_evaluate_gives_the_loss_by_position_on_windows_past_the_training_length
   assert curve["windows"] == 3 and curve["yarn_factor"] == 4.0 and len(curve["loss"]) == 128
   assert all(np.isfinite(curve["loss"])) and "L128: 3 windows; mean loss by position [0, 64)" \
       in proc.stdout
+  assert curve["in_range_first_document"] > 0 and curve["in_range_later_documents"] > 0
   again = _run("evaluate.py", workdir, "--lengths=2x", "--noyarn", f"--output={out}")
   assert again.returncode == 1 and again.stderr.strip() == (
       f"error: {out} exists; give another --output or delete it")
-  for bad, message in [(["--lengths=two"], "'two' is neither a token count"),
-                       ([f"--output={out}"], "--output go with --lengths")]:
+  folder = tmp_path / "a_folder"
+  folder.mkdir()
+  for bad, message in [
+      (["--lengths=two"], "error: --lengths: 'two' is neither a token count"),
+      ([f"--output={out}"], "error: --output: only used with --lengths"),
+      (["--lengths=2x", "--batches=2"], "error: --batches is for the mean held-out loss"),
+      (["--lengths=2x", f"--output={folder}", "--overwrite"], f"error: --output={folder} is a "
+       "folder")]:
     proc = _run("evaluate.py", workdir, *bad)
-    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    assert proc.returncode == 1 and proc.stderr.strip().startswith(message), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a_folder", "positions.json"]
 
 
 def test_a_different_model_is_refused_and_nothing_is_overwritten(reference_run):
