@@ -24,63 +24,19 @@ the expanded-cache baseline of the benchmark).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deepseek_jax.inference import speculative as speculative_lib
+from deepseek_jax.inference.sampling import (GenerateOutput, SamplingConfig,  # noqa: F401
+                                             sample_logits, sampling_logits)
 from deepseek_jax.model.transformer import init_cache
 from pallas_kernels.mla_decode.ops import PAGE_SIZE
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-  """temperature 0 = greedy; top_k 0 = off; top_p 1 = off."""
-
-  temperature: float = 0.0
-  top_p: float = 1.0
-  top_k: int = 0
-
-  def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"SamplingConfig.top_p must lie in (0, 1], got {self.top_p}")
-    if self.top_k < 0:
-      raise ValueError(f"SamplingConfig.top_k must be >= 0, got {self.top_k}")
-
-
-def sampling_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
-  """The logits [..., V] of the distribution ``sampling`` draws from, float32: divided by the
-  temperature, then -inf outside the top-k and outside the nucleus (top-p). Temperature 0
-  (greedy) leaves the logits as they are (temperature 1, no filter): the log-probabilities
-  ``generate`` reports for greedy tokens are the model's own."""
-  logits = logits.astype(jnp.float32)
-  if sampling.temperature == 0.0:
-    return logits
-  logits = logits / sampling.temperature
-  if sampling.top_k:
-    kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if sampling.top_p < 1.0:
-    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs  # the top token always survives
-    cutoff = jnp.min(jnp.where(mass_before < sampling.top_p, sorted_logits, jnp.inf), axis=-1,
-                     keepdims=True)
-    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return logits
-
-
-def sample_logits(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.Array:
-  """Next tokens [B] from logits [B, V] (float32): greedy, temperature, top-k, nucleus."""
-  if sampling.temperature == 0.0:
-    return jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
-  return jax.random.categorical(rng, sampling_logits(logits, sampling), axis=-1).astype(jnp.int32)
 
 
 def _sample(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig):
@@ -88,20 +44,6 @@ def _sample(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig):
   token = sample_logits(logits, rng, sampling)
   log_probs = jax.nn.log_softmax(sampling_logits(logits, sampling), axis=-1)
   return token, jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
-
-
-class GenerateOutput(NamedTuple):
-  """What ``generate`` returns: the new tokens of each row, how many of them are real, and
-  (``return_log_probs=True``) each token's log-probability under the sampling distribution."""
-
-  tokens: jax.Array  # [B, N] generated tokens (stop token included), pad_id afterwards
-  lengths: jax.Array  # [B] number of generated tokens per row
-  log_probs: Optional[jax.Array] = None  # [B, N] float32, 0 past each row's length
-
-  def mask(self) -> jax.Array:
-    """[B, N] float32 completion mask: 1 on each row's real tokens (its stop token included),
-    0 on the padding after it."""
-    return (jnp.arange(self.tokens.shape[1])[None, :] < self.lengths[:, None]).astype(jnp.float32)
 
 
 def _prompt_arrays(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -150,7 +92,9 @@ def cache_slots(prompt_len: int, max_new_tokens: int, max_seq_len: int) -> int:
 def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
              stop_tokens: Sequence[int] = (), pad_id: int = 0, rng: Optional[jax.Array] = None,
              cache_kind: Optional[str] = None, absorb: Optional[bool] = None,
-             prompt_bucket: int = 64, return_log_probs: bool = False) -> GenerateOutput:
+             prompt_bucket: int = 64, return_log_probs: bool = False,
+             speculative: Optional[str] = None,
+             draft_depth: Optional[int] = None) -> GenerateOutput:
   """Generate up to ``max_new_tokens`` per prompt.
 
   prompts: a list of token-id lists (any lengths), or (tokens [B, P], lengths [B]) arrays
@@ -161,11 +105,19 @@ def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingConfig = 
   each sampled token under the distribution it was drawn from (``sampling_logits``:
   temperature, top-k, top-p applied; 0 after a row's length) -- the rollout log-probs of RL.
 
+  ``speculative="mtp"`` (off by default): speculative decoding with the first ``draft_depth``
+  (default all) MTP modules as the draft model (``inference.speculative``, V3 §5.4.3); the
+  same tokens as plain decoding when greedy and the same distribution when sampling, 1 to
+  ``draft_depth`` + 1 tokens per model step; the output's ``drafted`` / ``accepted`` count the
+  drafts.
+
   Raises ValueError if max_new_tokens < 1 or prompt_bucket < 1, a prompt is empty, prompt
-  arrays have the wrong shapes or lengths, or the longest real prompt + max_new_tokens exceeds
-  ModelConfig.max_seq_len (padding does not count).
+  arrays have the wrong shapes or lengths, the longest real prompt + max_new_tokens exceeds
+  ModelConfig.max_seq_len (padding does not count), or ``speculative`` is not None / "mtp",
+  the model has no MTP modules, or ``draft_depth`` is outside [1, n_mtp_modules].
   """
   cfg = model.config
+  depth = speculative_lib.check_speculative(cfg, speculative, draft_depth)
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   tokens, lengths = _prompt_arrays(prompts, pad_id)
@@ -180,6 +132,11 @@ def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingConfig = 
   if absorb is None:
     absorb = cache_kind == "latent" and cfg.decoupled_rope
   rng = jax.random.key(0) if rng is None else rng
+  if depth:
+    return speculative_lib.speculative_generate(
+        model, jnp.asarray(tokens), jnp.asarray(lengths), rng, jnp.asarray(stop_tokens, jnp.int32),
+        max_new_tokens=max_new_tokens, sampling=sampling, cache_kind=cache_kind, absorb=absorb,
+        pad_id=pad_id, return_log_probs=return_log_probs, depth=depth)
   graphdef, state = nnx.split(model)
   return _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), rng,
                    jnp.asarray(stop_tokens, jnp.int32), max_new_tokens=max_new_tokens,

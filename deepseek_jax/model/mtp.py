@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deepseek_jax.model.attention import CacheView
 from deepseek_jax.model.layers import RMSNorm, normal_param
 from deepseek_jax.ops.matmul import BF16, MatmulFormat, weight_matmul
 
@@ -66,6 +67,18 @@ class MTPModule(nnx.Module):
     self.norm = RMSNorm(d_model, eps=eps, param_dtype=param_dtype)
     self.dtype = dtype
     self.matmul_format = matmul_format  # the projection's; its norms stay float32
+
+  def decode(self, h_prev, token_embedding, positions, *, cache, cache_index, absorb=False):
+    """With a cache (speculative decoding): ``cache`` is this module's layer-stacked cache with
+    a leading axis of 1 (``transformer.init_mtp_caches``); the T positions are written at
+    per-row slots ``cache_index`` [B] onward and attend over every slot <= their position.
+    Returns (RMSNorm_k(h^k) [B,T,D], the updated cache)."""
+    joined = jnp.concatenate([self.enorm(token_embedding), self.hnorm(h_prev)], axis=-1)
+    x = weight_matmul("BTE,ED->BTD", joined, self.eh_proj, dtype=self.dtype,
+                      fmt=self.matmul_format)
+    h, view, _ = self.block(x, positions, cache=CacheView(cache, jnp.int32(0)),
+                            cache_index=cache_index, absorb=absorb)
+    return self.norm(h), view.stacked
 
   def __call__(self, h_prev, token_embedding, positions, *, segment_ids=None, mask=None):
     """Returns (RMSNorm_k(h^k) [B,T,D]: for the head and the next depth, MoE stats)."""

@@ -191,6 +191,14 @@ class MTPOutput(NamedTuple):
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, kind: str = "latent",
                dtype: Optional[str] = None) -> DecodeCache:
   """Zero cache for ``batch`` rows of ``max_len`` slots: 'latent' (MLA) or 'expanded' (per head)."""
+  one = _layer_cache(cfg, batch, max_len, kind, dtype)
+  stacked = lambda n: (jax.tree.map(lambda a: jnp.zeros((n,) + a.shape, a.dtype), one)
+                       if n else None)
+  return DecodeCache(stacked(cfg.n_dense_layers), stacked(cfg.n_moe_layers))
+
+
+def _layer_cache(cfg: ModelConfig, batch: int, max_len: int, kind: str, dtype: Optional[str]):
+  """One layer's zero cache (LatentCache or KVCache, arrays [B, S, ...])."""
   dtype = dtype or cfg.dtype
   if kind == "latent":
     if cfg.attention_kind != "mla":
@@ -202,9 +210,16 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, kind: str = "latent",
     one = KVCache.zeros(batch, max_len, cfg.kv_heads, cfg.qk_head_dim, cfg.v_head_dim, dtype)
   else:
     raise ValueError(f"cache kind must be 'latent' or 'expanded', got {kind!r}")
-  stacked = lambda n: (jax.tree.map(lambda a: jnp.zeros((n,) + a.shape, a.dtype), one)
-                       if n else None)
-  return DecodeCache(stacked(cfg.n_dense_layers), stacked(cfg.n_moe_layers))
+  return one
+
+
+def init_mtp_caches(cfg: ModelConfig, batch: int, max_len: int, kind: str = "latent",
+                    depth: Optional[int] = None, dtype: Optional[str] = None) -> tuple:
+  """Zero caches of the first ``depth`` (default all) MTP modules' blocks, for speculative
+  decoding (``MTPModule.decode``): one per module, each with a leading layer axis of 1."""
+  depth = cfg.n_mtp_modules if depth is None else depth
+  one = jax.tree.map(lambda a: a[None], _layer_cache(cfg, batch, max_len, kind, dtype))
+  return tuple(one for _ in range(depth))
 
 
 class DeepSeekModel(nnx.Module):

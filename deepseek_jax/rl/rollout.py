@@ -49,7 +49,7 @@ def rollout(model, prompts: Sequence[Sequence[int]], *, group_size: int, max_new
                  prompt_bucket=prompt_bucket)
   # Every process gets every row (generate's outputs may span processes' devices).
   tokens, lengths, log_probs = (np.asarray(multihost_utils.process_allgather(a, tiled=True))
-                                for a in out)
+                                for a in (out.tokens, out.lengths, out.log_probs))
   return Rollout(rows, tokens, lengths, log_probs, group_size)
 
 

@@ -128,6 +128,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Prompts in the SFT chat template (<bos><|User|>prompt<|Assistant|>, train/sft.py), for a
   # model fine-tuned on chat records (data.source="sft").
   c.sample.chat_template = False
+  # "mtp": speculative decoding with the MTP modules as the draft (inference/speculative.py);
+  # the same text when greedy, the same distribution when sampling. "": plain decoding.
+  c.sample.speculative = ""
   return c
 
 
@@ -183,6 +186,9 @@ def validate(config, n_processes: int, batch_shards: int, expert_shards: int = 1
   if unknown:
     raise ValueError(f"unknown config field(s) {unknown}; see deepseek_jax/train/config.py")
   model = model_config(config)
+  if config.sample.get("speculative") == "mtp" and model.n_mtp_modules < 1:
+    _fail("sample.speculative", "'mtp' drafts with the MTP modules, but the model has none; set "
+          "config.model.overrides.n_mtp_modules >= 1 (and train them) or leave it ''")
   if model.n_moe_layers and model.n_routed_experts % expert_shards:
     _fail("mesh.expert", f"{expert_shards} does not divide n_routed_experts="
           f"{model.n_routed_experts}; use a divisor of it")
@@ -239,3 +245,7 @@ def _check_ranges(config) -> None:
     _fail("sample.temperature", f"must be >= 0 (0: greedy), got {config.sample.temperature}")
   if config.sample.max_new_tokens < 1:
     _fail("sample.max_new_tokens", f"must be >= 1, got {config.sample.max_new_tokens}")
+  speculative = config.sample.get("speculative", "")
+  if speculative not in ("", "mtp"):
+    _fail("sample.speculative", f"must be '' (off) or 'mtp', got {speculative!r}")
+

@@ -491,7 +491,13 @@ def _sample_state(setup: Setup, graphdef, state: TrainState, prompts=None) -> li
   out = generate(model, encoded, max_new_tokens=c.sample.max_new_tokens,
                  sampling=SamplingConfig(temperature=c.sample.temperature),
                  stop_tokens=[tok.eos_id] if tok.eos_id is not None else [],
-                 pad_id=tok.pad_id, rng=jax.random.key(c.seed))
+                 pad_id=tok.pad_id, rng=jax.random.key(c.seed),
+                 speculative=c.sample.get("speculative") or None)
+  if out.drafted is not None:
+    rate = np.asarray(out.acceptance_rate())
+    say(f"speculative decoding (MTP drafts): {int(np.asarray(out.lengths).sum())} tokens from "
+        f"{int(np.asarray(out.drafted)[:, 0].sum())} verify steps over {len(prompts)} "
+        "prompt(s); draft acceptance by depth " + ", ".join(f"{r:.0%}" for r in rate))
   tokens, lengths = (multihost_utils.process_allgather(a, tiled=True)
                      for a in (out.tokens, out.lengths))
   texts = []
@@ -507,6 +513,16 @@ def _load_for_inference(config, workdir: str, step: Optional[int]):
   parameters checkpoint (convert --to_orbax) both work."""
   setup = _inference_setup(config, workdir)
   return (setup, *_inference_weights(setup, workdir, step))
+
+
+def inference_model(config, workdir: str, step: Optional[int] = None):
+  """(setup, DeepSeekModel, step): a checkpoint's model for decoding and scripts, read-only
+  (``_load_for_inference``'s checks), with local MoE dispatch (no expert-parallel split of a
+  few rows)."""
+  setup, graphdef, state, step = _load_for_inference(config, workdir, step)
+  model = nnx.merge(graphdef, state.params, state.model_state)
+  set_execution(model, resolve_execution(setup.model_cfg, setup.mesh, expert_parallel=False))
+  return setup, model, step
 
 
 def _inference_setup(config, workdir: str) -> Setup:

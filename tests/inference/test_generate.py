@@ -116,7 +116,7 @@ def test_rollout_log_probs_equal_a_full_forward_recompute(model, sampling):
   stop = 7
   out = generate(model, PROMPTS, max_new_tokens=10, sampling=sampling, rng=jax.random.key(3),
                  stop_tokens=[stop], pad_id=0, return_log_probs=True)
-  tokens, lengths, log_probs = (np.asarray(a) for a in out)
+  tokens, lengths, log_probs = (np.asarray(a) for a in (out.tokens, out.lengths, out.log_probs))
   mask = np.asarray(out.mask())
   assert mask.sum(1).tolist() == lengths.tolist()
   assert np.all(log_probs[mask == 0] == 0.0) and np.all(log_probs[mask == 1] <= 0.0)

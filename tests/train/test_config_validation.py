@@ -216,6 +216,7 @@ def test_an_expert_axis_that_does_not_divide_the_experts_is_named_before_the_bat
     ("data.eval_every", 0, "config.data.eval_every: .* must be >= 2, got 0"),
     ("data.text_errors", "ignore", "config.data.text_errors: must be one of"),
     ("sample.temperature", -0.5, "config.sample.temperature: must be >= 0"),
+    ("sample.speculative", "eagle", "config.sample.speculative: must be '' \\(off\\) or 'mtp'"),
     ("train.eval_every", -1, "config.train.eval_every: train.eval_every must be >= 0"),
 ])
 def test_values_that_fail_only_after_compiling_are_refused_up_front(path, value, match):
@@ -223,4 +224,14 @@ def test_values_that_fail_only_after_compiling_are_refused_up_front(path, value,
   section, field = path.split(".")
   c[section][field] = value
   with pytest.raises(ValueError, match=match):
+    validate(c, n_processes=1, batch_shards=1)
+
+
+def test_speculative_sampling_needs_mtp_modules():
+  c = default_config()
+  c.sample.speculative = "mtp"
+  assert validate(c, n_processes=1, batch_shards=1).n_mtp_modules == 1  # small: one module
+  c.model.overrides.n_mtp_modules = 0
+  with pytest.raises(ValueError, match="config.sample.speculative: 'mtp' drafts with the MTP "
+                     "modules, but the model has none"):
     validate(c, n_processes=1, batch_shards=1)
