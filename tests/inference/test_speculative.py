@@ -187,3 +187,12 @@ def test_the_switch_is_checked(random_model, make_model):
       generate(random_model, PROMPTS, max_new_tokens=4, speculative="mtp", draft_depth=depth)
   with pytest.raises(ValueError, match="draft_depth is for speculative='mtp'"):
     generate(random_model, PROMPTS, max_new_tokens=4, draft_depth=1)
+
+
+def test_greedy_speculative_equals_plain_decoding_on_the_small_preset():
+  model = create_model(ModelConfig.preset("small"), seed=2)  # one MTP module, 18M parameters
+  prompts = [[1, 72, 101, 108, 108, 111], [1, 77], [1, 81, 58, 32, 87, 104, 101, 114, 101]]
+  plain = generate(model, prompts, max_new_tokens=16)
+  spec = generate(model, prompts, max_new_tokens=16, speculative="mtp")
+  np.testing.assert_array_equal(spec.tokens, plain.tokens)
+  np.testing.assert_array_equal(spec.lengths, plain.lengths)
