@@ -66,12 +66,14 @@ class GenerateOutput(NamedTuple):
   tokens: jax.Array  # [B, N] generated tokens (stop token included), pad_id afterwards
   lengths: jax.Array  # [B] number of generated tokens per row
   log_probs: Optional[jax.Array] = None  # [B, N] float32, 0 past each row's length
-  drafted: Optional[jax.Array] = None  # [B, K] int32: verify steps (one draft per depth each)
-  accepted: Optional[jax.Array] = None  # [B, K] int32: drafts accepted at depth k (1..K)
+  drafted: Optional[jax.Array] = None  # [B, K] int32: steps whose depth-k draft could count
+  accepted: Optional[jax.Array] = None  # [B, K] int32: of those, depth-k drafts in the output
 
   def acceptance_rate(self) -> Optional[jax.Array]:
     """[K] float32: accepted / proposed drafts at each depth over all rows (None without
-    speculative decoding). V3 §5.4.3 reports 85-90% at depth 1."""
+    speculative decoding). Unconditional: a depth-k draft counts as accepted only when the
+    k - 1 before it were; drafts past a stop token or past max_new_tokens are left out. V3
+    §5.4.3 reports 85-90% at depth 1."""
     if self.drafted is None:
       return None
     return self.accepted.sum(0) / jnp.maximum(self.drafted.sum(0), 1)

@@ -39,6 +39,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from deepseek_jax.inference.sampling import (GenerateOutput, SamplingConfig, sample_logits,
@@ -61,7 +62,10 @@ def check_speculative(cfg, speculative: Optional[str], draft_depth: Optional[int
     raise ValueError(f"speculative='mtp' drafts with the MTP modules, but model {cfg.name!r} "
                      "has none (n_mtp_modules=0); train with n_mtp_modules >= 1 or drop the "
                      "switch")
-  depth = cfg.n_mtp_modules if draft_depth is None else draft_depth
+  if draft_depth is not None and (isinstance(draft_depth, bool)
+                                  or not isinstance(draft_depth, (int, np.integer))):
+    raise ValueError(f"draft_depth must be an integer, got {draft_depth!r}")
+  depth = cfg.n_mtp_modules if draft_depth is None else int(draft_depth)
   if not 1 <= depth <= cfg.n_mtp_modules:
     raise ValueError(f"draft_depth must lie in [1, n_mtp_modules={cfg.n_mtp_modules}], got "
                      f"{draft_depth}")
@@ -87,13 +91,13 @@ def _gather(x: jax.Array, index: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _scatter(x: jax.Array, start: jax.Array, values: jax.Array, keep: jax.Array) -> jax.Array:
+def _scatter(x: jax.Array, start: jax.Array, values: jax.Array, frozen: jax.Array) -> jax.Array:
   """x [B, S] with values [B, T] written at per-row slots start .. start + T - 1, except in
-  rows where ``keep`` [B] is True."""
+  the ``frozen`` [B] rows (finished rows), which keep their old values."""
   rows = jnp.arange(x.shape[0])[:, None]
   slots = start[:, None] + jnp.arange(values.shape[1])[None]
   old = x[rows, jnp.clip(slots, 0, x.shape[1] - 1)]
-  return x.at[rows, slots].set(jnp.where(keep[:, None], old, values.astype(x.dtype)),
+  return x.at[rows, slots].set(jnp.where(frozen[:, None], old, values.astype(x.dtype)),
                                mode="drop")
 
 
@@ -105,9 +109,10 @@ def _draw(logits: jax.Array, key: jax.Array, sampling: SamplingConfig):
 
 def _draft(model, h0_window, seq, window_start, at, caches, *, depth, absorb, sampling, key):
   """Run the K MTP modules over the window (positions window_start + 0 .. W - 1) and draft at
-  window index ``at`` [B]. h0_window [B, W, D]; seq [B, S] the row's tokens (position ->
-  token) with the pending token at window_start + at + 1. Returns (drafts [B, K], their
-  distributions [B, K, V], seq with the drafts written after the pending token, new caches)."""
+  window index ``at`` [B]. h0_window [B, W, D]; seq [B, S] int32 the row's tokens
+  (position -> token) with the pending token at window_start + at + 1. Returns (drafts [B, K]
+  int32, their distributions [B, K, V] float32, seq with the drafts written after the pending
+  token, the new caches)."""
   batch, width = h0_window.shape[:2]
   positions = window_start[:, None] + jnp.arange(width)[None]
   h, drafts, probs, new_caches = h0_window, [], [], []
@@ -216,11 +221,17 @@ def _speculate(graphdef, state, tokens, lengths, rng, stop_tokens, *, max_new_to
     log_probs = _scatter(c["log_probs"], c["emitted"], lp, done)
     seq = _scatter(c["seq"], pos + 1, emitted, done)
     real = index <= n_ok[:, None]
-    stopped = (jnp.isin(emitted, stop_tokens) & real).any(1)
+    hits = jnp.isin(emitted, stop_tokens) & real
+    stopped = hits.any(1)
     count = c["emitted"] + n_ok + 1
-    depth_index = jnp.arange(k_draft)[None]
-    drafted = c["drafted"] + jnp.where(done[:, None], 0, 1)
-    accepted = c["accepted"] + jnp.where(done[:, None], 0, (depth_index < n_ok[:, None]))
+    # drafts count only where their token could reach the output: depth j while j <= the
+    # tokens still wanted; accepted while also within this step's tokens up to a stop token
+    wanted = n_new - c["emitted"]
+    first_stop = jnp.where(stopped, jnp.argmax(hits, 1) + 1, k_draft + 1)
+    draft_depth = jnp.arange(1, k_draft + 1)[None]
+    drafted = c["drafted"] + (~done[:, None] & (draft_depth <= wanted[:, None]))
+    accepted = c["accepted"] + (~done[:, None] & (draft_depth <= jnp.minimum(
+        jnp.minimum(n_ok, first_stop), wanted)[:, None]))
 
     # MTP window: the K - 1 positions before pos (h^0 carried) and the K + 1 just verified
     start = jnp.maximum(pos - (k_draft - 1), 0)

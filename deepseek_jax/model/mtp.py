@@ -69,10 +69,11 @@ class MTPModule(nnx.Module):
     self.matmul_format = matmul_format  # the projection's; its norms stay float32
 
   def decode(self, h_prev, token_embedding, positions, *, cache, cache_index, absorb=False):
-    """With a cache (speculative decoding): ``cache`` is this module's layer-stacked cache with
+    """With a cache (speculative decoding): h_prev [B,T,D] (h^{k-1}), token_embedding [B,T,D]
+    (Emb(t_{i+k})), positions [B,T] int32; ``cache`` is this module's layer-stacked cache with
     a leading axis of 1 (``transformer.init_mtp_caches``); the T positions are written at
     per-row slots ``cache_index`` [B] onward and attend over every slot <= their position.
-    Returns (RMSNorm_k(h^k) [B,T,D], the updated cache)."""
+    Returns (RMSNorm_k(h^k) [B,T,D] in the activation dtype, the updated cache)."""
     joined = jnp.concatenate([self.enorm(token_embedding), self.hnorm(h_prev)], axis=-1)
     x = weight_matmul("BTE,ED->BTD", joined, self.eh_proj, dtype=self.dtype,
                       fmt=self.matmul_format)

@@ -493,13 +493,15 @@ def _sample_state(setup: Setup, graphdef, state: TrainState, prompts=None) -> li
                  stop_tokens=[tok.eos_id] if tok.eos_id is not None else [],
                  pad_id=tok.pad_id, rng=jax.random.key(c.seed),
                  speculative=c.sample.get("speculative") or None)
-  if out.drafted is not None:
-    rate = np.asarray(out.acceptance_rate())
-    say(f"speculative decoding (MTP drafts): {int(np.asarray(out.lengths).sum())} tokens from "
-        f"{int(np.asarray(out.drafted)[:, 0].sum())} verify steps over {len(prompts)} "
-        "prompt(s); draft acceptance by depth " + ", ".join(f"{r:.0%}" for r in rate))
   tokens, lengths = (multihost_utils.process_allgather(a, tiled=True)
                      for a in (out.tokens, out.lengths))
+  if out.drafted is not None:  # (gathered: rows may span processes)
+    drafted, accepted = (np.asarray(multihost_utils.process_allgather(a, tiled=True))
+                         for a in (out.drafted, out.accepted))
+    rate = accepted.sum(0) / np.maximum(drafted.sum(0), 1)
+    say(f"speculative decoding (MTP drafts): {int(np.asarray(lengths).sum())} tokens from "
+        f"{int(drafted[:, 0].sum())} verify steps over {len(prompts)} prompt(s); draft "
+        "acceptance by depth " + ", ".join(f"{r:.0%}" for r in rate))
   texts = []
   for prompt, row, n in zip(prompts, np.asarray(tokens), np.asarray(lengths)):
     texts.append(prompt + tok.decode(row[:n]))

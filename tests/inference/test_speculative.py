@@ -70,13 +70,15 @@ def test_greedy_speculative_equals_plain_decoding_with_accepted_drafts_and_stops
                                                                                 depth):
   prompts = [[3, 5, 7], [1, 2], [10, 12, 14, 16, 18, 20], [9]]
   stopped = 0
-  for stop in ([], [25], [4]):  # stop tokens reached at different offsets within a step
+  for stop, kind in (([], "latent"), ([25], "latent"), ([4], "latent"), ([4], "expanded")):
     plain = generate(trained_model, prompts, max_new_tokens=20, stop_tokens=stop)
     spec = generate(trained_model, prompts, max_new_tokens=20, stop_tokens=stop,
-                    speculative="mtp", draft_depth=depth)
-    np.testing.assert_array_equal(spec.tokens, plain.tokens, err_msg=f"stop {stop}")
-    np.testing.assert_array_equal(spec.lengths, plain.lengths, err_msg=f"stop {stop}")
+                    speculative="mtp", draft_depth=depth, cache_kind=kind)
+    np.testing.assert_array_equal(spec.tokens, plain.tokens, err_msg=f"stop {stop}, {kind}")
+    np.testing.assert_array_equal(spec.lengths, plain.lengths, err_msg=f"stop {stop}, {kind}")
     stopped += int((np.asarray(plain.lengths) < 20).sum())
+    # every accepted draft is an output token (the first token comes from the prefill)
+    assert (np.asarray(spec.accepted).sum(1) <= np.asarray(spec.lengths) - 1).all()
   assert stopped >= 3  # rows did stop early
   rate = np.asarray(spec.acceptance_rate())
   assert rate.shape == (depth,) and rate.min() > 0.6
@@ -85,15 +87,20 @@ def test_greedy_speculative_equals_plain_decoding_with_accepted_drafts_and_stops
   assert (steps < np.asarray(spec.lengths)).all()
 
 
-def test_caches_after_rejections_equal_a_recomputation_from_the_accepted_tokens(random_model):
+@pytest.mark.parametrize("depth, sampling", [(2, SamplingConfig()), (3, SamplingConfig()),
+                                             (3, SamplingConfig(temperature=1.5))],
+                         ids=["depth_2", "depth_3", "depth_3_sampled"])
+def test_caches_after_rejections_equal_a_recomputation_from_the_accepted_tokens(depth,
+                                                                               sampling):
   """Rollback: every main-cache slot before a row's pending position, and every MTP_k cache
-  slot whose input token t_{j+k} was accepted, equal a fresh prefill of the accepted tokens."""
-  model, depth = random_model, 2
+  slot whose input token t_{j+k} was accepted (j <= pos - k), equal a fresh prefill of the
+  accepted tokens. A 1-token prompt with K = 3 takes the clamped window start."""
+  model = create_model(ModelConfig.preset("tiny", n_mtp_modules=3, init_std=0.1), seed=1)
   tokens = jnp.asarray([[5, 17, 9, 3, 42, 8, 61], [7, 0, 0, 0, 0, 0, 0]])
   lengths = jnp.asarray([7, 1])
   out, state = speculative.speculative_generate(
       model, tokens, lengths, jax.random.key(0), jnp.asarray([], jnp.int32), max_new_tokens=19,
-      sampling=SamplingConfig(), cache_kind="latent", absorb=True, pad_id=0,
+      sampling=sampling, cache_kind="latent", absorb=True, pad_id=0,
       return_log_probs=False, depth=depth, return_state=True)
   assert np.asarray(out.accepted).sum() < np.asarray(out.drafted).sum()  # there were rejections
   for row in range(2):
@@ -129,21 +136,25 @@ def _exact_distribution(model, prompt, n, sampling):
   return seqs, joint / joint.sum()
 
 
-@pytest.mark.parametrize("sampling", [SamplingConfig(temperature=1.0),
-                                      SamplingConfig(temperature=0.8, top_k=3)],
-                         ids=["temperature_1", "top_k_3"])
-def test_sampled_speculative_output_has_the_target_models_distribution(sampling):
+@pytest.mark.parametrize("sampling, depth", [
+    (SamplingConfig(temperature=1.0), 2), (SamplingConfig(temperature=0.8, top_k=3), 2),
+    (SamplingConfig(temperature=1.0), 1), (SamplingConfig(temperature=1.2, top_p=0.8), 1)],
+    ids=["temperature_1_depth_2", "top_k_3_depth_2", "temperature_1_depth_1",
+         "top_p_depth_1"])
+def test_sampled_speculative_output_has_the_target_models_distribution(sampling, depth):
   """Chi-square of 3-token continuations from 6,000 rows against the exact joint
-  distribution; drafts are accepted only part of the time, so the acceptance rule and the
-  residual resampling both shape the output, and a wrong rule shifts it far beyond the test's
-  resolution (the drafts' own distribution is far from the target's)."""
+  distribution. Drafts are accepted only part of the time, so the acceptance rule and the
+  residual resampling both shape the output; with depth 1 an all-accepted step also emits the
+  bonus token from p_K inside the 3 tokens. Accepting every draft, skipping the residual or
+  drawing the bonus from the wrong distribution each fail this test (checked by planting
+  them)."""
   cfg = ModelConfig.preset("tiny", vocab_size=5, n_mtp_modules=2, init_std=0.5,
                            yarn_factor=1.0)
   model = create_model(cfg, seed=4)
   prompt, n, rows = [1, 3], 3, 6000
   seqs, exact = _exact_distribution(model, prompt, n, sampling)
   out = generate(model, [prompt] * rows, max_new_tokens=n, sampling=sampling,
-                 rng=jax.random.key(11), speculative="mtp", draft_depth=2)
+                 rng=jax.random.key(11), speculative="mtp", draft_depth=depth)
   assert (np.asarray(out.lengths) == n).all()
   rate = np.asarray(out.acceptance_rate())
   assert 0.1 < rate[0] < 0.9, rate  # both paths exercised
@@ -151,12 +162,14 @@ def test_sampled_speculative_output_has_the_target_models_distribution(sampling)
   counts = np.bincount([index[tuple(r)] for r in np.asarray(out.tokens)], minlength=len(seqs))
   expected = exact * rows
   assert counts[expected == 0].sum() == 0  # nothing outside top-k is ever produced
-  big = expected >= 5  # pool the rare sequences into one cell
-  observed = np.append(counts[big], counts[~big & (expected > 0)].sum())
-  want = np.append(expected[big], expected[~big & (expected > 0)].sum())
+  big = expected >= 5  # pool the rare sequences into one cell (if there are any)
+  rare = ~big & (expected > 0)
+  observed, want = counts[big], expected[big]
+  if rare.any():
+    observed, want = np.append(observed, counts[rare].sum()), np.append(want, expected[rare].sum())
   p_value = stats.chisquare(observed, want * observed.sum() / want.sum()).pvalue
   assert p_value > 1e-3, p_value
-  # the same test rejects the drafts' own chain (what accepting every draft would produce)
+  # the reference itself: its first-token marginal is the target's next-token distribution
   first = jax.nn.softmax(sampling_logits(forward(model, jnp.asarray([prompt])).logits[0, -1],
                                          sampling))
   assert np.abs(np.asarray(first) - exact.reshape((5,) * n).sum((1, 2))).max() < 1e-5
@@ -185,6 +198,9 @@ def test_the_switch_is_checked(random_model, make_model):
   for depth in (0, 3):
     with pytest.raises(ValueError, match=r"draft_depth must lie in \[1, n_mtp_modules=2\]"):
       generate(random_model, PROMPTS, max_new_tokens=4, speculative="mtp", draft_depth=depth)
+  for bad in (1.5, True):
+    with pytest.raises(ValueError, match="draft_depth must be an integer"):
+      generate(random_model, PROMPTS, max_new_tokens=4, speculative="mtp", draft_depth=bad)
   with pytest.raises(ValueError, match="draft_depth is for speculative='mtp'"):
     generate(random_model, PROMPTS, max_new_tokens=4, draft_depth=1)
 
