@@ -63,7 +63,7 @@ def main(argv):
   devices = topologies.get_topology_desc(platform="tpu", topology_name=_TOPOLOGY.value).devices
   n = len(devices)
   ep = _EP.value or n
-  mesh = Mesh(np.asarray(devices).reshape(n // ep, 1, ep, 1), MESH_AXES,
+  mesh = Mesh(np.asarray(devices).reshape(1, n // ep, 1, ep, 1), MESH_AXES,
               axis_types=(AxisType.Auto,) * len(MESH_AXES))
   print(f"topology {_TOPOLOGY.value}: {n} devices, kinds {sorted({d.device_kind for d in devices})}"
         f", processes {sorted({d.process_index for d in devices})}; default backend "

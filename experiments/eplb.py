@@ -2,7 +2,9 @@ r"""EPLB placement from a training run's recorded expert load (deepseek_jax/para
 reads ``moe_load`` (tokens per expert per MoE layer, MTP modules last) from ``metrics.jsonl``,
 averages the last ``--records`` records, and prints the placement and the load imbalance of
 the busiest shard (max / mean tokens per shard) before (static: expert e on shard e // (E/S))
-and after.
+and after: per layer (each layer its own table) and shared (one table balanced on the load
+summed over layers: what the model's scanned MoE stack runs today, via
+``ExpertPlacement.from_eplb(eplb.shared_placement(...), 0)`` in ``Execution.expert_placement``).
 
     python experiments/eplb.py --workdir=/tmp/ds-small --shards=8 --redundant=8
     python experiments/eplb.py --workdir=/tmp/ds-small --shards=8 --redundant=8 --groups=4 \
@@ -52,19 +54,22 @@ def report() -> None:
   slots = experts + _REDUNDANT.value
   placement = eplb.rebalance_experts(load, slots, _GROUPS.value, _NODES.value, _SHARDS.value)
   static = eplb.static_placement(layers, experts, _SHARDS.value)
-  before, after = static.imbalance(load), placement.imbalance(load)
+  shared = eplb.shared_placement(load, slots, _GROUPS.value, _NODES.value, _SHARDS.value)
+  before, after, one = static.imbalance(load), placement.imbalance(load), shared.imbalance(load)
   hierarchical = _GROUPS.value % _NODES.value == 0 and _NODES.value > 1
   print(f"{_WORKDIR.value}: {layers} MoE layers (MTP modules last) x {experts} experts, mean of "
         f"the last {_RECORDS.value} logged loads; {slots} slots on {_SHARDS.value} shards, "
         f"{'hierarchical' if hierarchical else 'global'} policy")
-  print("| layer | max/mean per shard, static | after EPLB | replicas of the busiest expert |")
-  print("|---|---|---|---|")
+  print("| layer | max/mean per shard, static | EPLB per layer | EPLB shared | replicas of the "
+        "busiest expert (per layer) |")
+  print("|---|---|---|---|---|")
   for layer in range(layers):
     busiest = int(np.argmax(load[layer]))
-    print(f"| {layer} | {before[layer]:.3f} | {after[layer]:.3f} | "
+    print(f"| {layer} | {before[layer]:.3f} | {after[layer]:.3f} | {one[layer]:.3f} | "
           f"{placement.replicas[layer, busiest]} (expert {busiest}, "
           f"{load[layer, busiest] / load[layer].mean():.2f}x the mean load) |")
-  print(f"mean over layers: {before.mean():.3f} -> {after.mean():.3f}")
+  print(f"mean over layers: static {before.mean():.3f}, per layer {after.mean():.3f}, shared "
+        f"{one.mean():.3f}")
   per_shard = slots // _SHARDS.value
   for layer in range(min(_SHOW.value, layers)):
     print(f"layer {layer}: shard -> logical experts in its {per_shard} slots")

@@ -43,8 +43,12 @@ class Execution:
   moe_dispatch: "local" | "expert_parallel" (the mesh's expert axis > 1).
   grouped_matmul: "tiled" | "ragged_dot" | "megablox" | "tokamax" (the routed experts).
   expert_exchange: "ragged" | "padded" (expert-parallel all-to-all).
-  expert_placement: expert -> weight-slot table, which fixes each expert's shard (None =
-    identity); set it with ``dataclasses.replace(execution, expert_placement=...)``.
+  expert_placement: ``ExpertPlacement``, the expert -> physical weight-slot table, which fixes
+    each expert's shard(s) (None = identity), redundant experts included (EPLB:
+    ``ExpertPlacement.from_eplb(eplb_placement, layer)``); set it with
+    ``dataclasses.replace(execution, expert_placement=...)``. One static table for every MoE
+    layer (the scanned stack shares one layer's code): balance it on the load summed over
+    layers, or on the layer that matters most.
   matmul: the weight matmuls' number format and, for FP8, how the platform runs it
     (``quant.fp8.fp8_execution``); for the log only.
   fp8_kernel: "xla" | "mosaic_gpu": what runs the dense layers' blockwise FP8 Fprop / Dgrad
@@ -65,7 +69,12 @@ class Execution:
     """One line for the start-up log."""
     moe = self.moe_dispatch
     if moe == "expert_parallel":
-      moe += f" ({self.expert_exchange} exchange)"
+      moe += f" ({self.expert_exchange} exchange"
+      placement = self.expert_placement
+      if placement is not None and not placement.is_identity:
+        moe += (f", {placement.n_slots} expert slots for {placement.n_experts} experts"
+                if placement.is_redundant else ", permuted experts")
+      moe += ")"
     return (f"{self.platform}: attention {self.attention}, decode {self.decode_attention}, "
             f"MoE {moe}, grouped matmul {self.grouped_matmul}, matmuls {self.matmul}")
 
@@ -84,8 +93,10 @@ def resolve_execution(cfg: ModelConfig, mesh: Optional[Mesh] = None, *,
   CPU runs them in interpret mode. The decode kernel has no per-shard wrapper, so it is used
   only without a multi-device mesh. MoE dispatch is expert-parallel when the mesh's expert
   axis is > 1 (``expert_parallel=False`` forces local dispatch, e.g. for sampling with small
-  batches). The expert placement is the identity; another table is given with
-  ``dataclasses.replace(execution, expert_placement=ExpertPlacement(...))``. Raises ValueError
+  batches). The expert placement is the identity; another table (a permutation, or redundant
+  experts from EPLB: ``ExpertPlacement.from_eplb``) is given with
+  ``dataclasses.replace(execution, expert_placement=...)``; the layers check it against the
+  mesh when they trace. Raises ValueError
   for an expert axis that does not divide the routed experts, and for ``fp8_blockwise`` expert
   parallelism whose tensor axis cuts the expert hidden dim into shards that are not whole
   128-wide blocks.

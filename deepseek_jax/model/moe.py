@@ -35,7 +35,11 @@ Expert compute (``expert_ffn``) sorts the M assignments by expert and runs three
 every token and exists only to test that. With ``DispatchSpec.mode="expert_parallel"`` (chosen
 by ``model.execution`` when the mesh's expert axis is > 1) the same computation runs
 expert-parallel (``parallel/expert_parallel.py``: all-to-all dispatch, each shard's experts on
-what it received, all-to-all combine); routing and statistics are unchanged.
+what it received, all-to-all combine); routing and statistics are unchanged. Its
+``DispatchSpec.placement`` may hold redundant experts (EPLB, ``parallel/eplb.py``): each
+assignment then goes to one replica of its expert, round robin, while the weights, their
+gradients and ``load`` stay per logical expert. Expert-parallel stats add ``shard_load`` [P],
+the top-k slots each expert shard received (what EPLB evens out).
 
 Constructor specs: ``ExpertSpec`` (how many experts, how wide), ``RoutingSpec`` (how tokens
 pick them), ``BalanceSpec`` (bias and balance losses), ``DispatchSpec`` (capacity, kernels,
@@ -123,7 +127,10 @@ class DispatchSpec:
   grouped_matmul: "tiled" | "ragged_dot" | "megablox" | "tokamax" ("auto" is resolved for the
     default platform when the layer is built).
   exchange: "ragged" | "padded" ("auto" resolved likewise); buffer_factor: None = worst-case
-    receive buffers; placement: expert -> shard table (None = identity).
+    receive buffers; placement: ``ExpertPlacement``, the expert -> physical slot (and so
+    shard) table, with redundant experts (EPLB) if it has more slots than experts (None =
+    identity). One static table serves every layer that holds this spec (the scanned MoE stack
+    shares one); the weights stay logical [E, ...] and the load stats stay per logical expert.
   """
 
   capacity_factor: Optional[float] = None
@@ -519,16 +526,15 @@ class MoE(nnx.Module):
       mesh = expert_parallel.expert_mesh()
       n_shards = 1 if mesh is None else mesh.shape["expert"]
       placement = dispatch.placement or ExpertPlacement.identity(n_experts)
-      if len(placement.slot_of_expert) != n_experts:
-        raise ValueError(f"DispatchSpec.placement covers {len(placement.slot_of_expert)} experts, "
-                         f"the layer has {n_experts}")
-      shard_of = placement.shard_of(n_shards).reshape(spec.n_groups, -1)
-      if capacity_factor is not None and (shard_of != shard_of[:, :1]).any():
+      if mesh is not None:  # else expert_parallel names the missing mesh
+        placement.check(n_experts, n_shards, "DispatchSpec.placement")
+      if capacity_factor is not None and any(
+          len(shards) > 1 for shards in placement.group_shards(n_shards, spec.n_groups)):
         raise ValueError(
             f"capacity_factor={capacity_factor} (V2 device-level dropping) treats each of the "
             f"n_expert_groups={spec.n_groups} groups as a device, so a group must lie on one "
             f"expert shard: make n_expert_groups a multiple of the mesh's expert axis "
-            f"({n_shards}) and place each group's experts together, or set "
+            f"({n_shards}) and place each group's experts together (replicas too), or set "
             "capacity_factor=None (dropless)")
       local = functools.partial(_shard_experts, routing=spec, n_experts=n_experts,
                                 capacity_factor=capacity_factor, impl=dispatch.grouped_matmul,
@@ -582,4 +588,5 @@ class MoE(nnx.Module):
     if "dispatch_rows" in counters:  # rows sent per token (padding included), its bound
       stats["dispatch_per_token"] = counters["dispatch_rows"] / (b * t)
       stats["remote_per_token"] = counters["remote_rows"] / (b * t)
+      stats["shard_load"] = counters["shard_slots"]  # [P] slots each expert shard received
     return y.reshape(b, t, d), stats

@@ -136,11 +136,14 @@ _REMAT_POLICIES = {
 
 
 def scan_blocks(stack: Optional[Block], x, positions, *, segment_ids=None, mask=None, cache=None,
-                cache_index=None, absorb=False, scan_layers=True, remat_policy="none"):
+                cache_index=None, absorb=False, scan_layers=True, remat_policy="none",
+                layer_mask=None):
   """Run a stacked Block over its layer axis. Returns (x, stacked cache, stacked MoE stats).
 
   ``scan_layers=False`` unrolls the loop (same parameters, compile time grows with depth);
   ``remat_policy`` recomputes each layer's activations in the backward pass per the policy.
+  ``layer_mask`` [L] bool (training only): a False layer passes x through unchanged and reports
+  zero MoE stats (the padding of an uneven pipeline stage, ``train.pipeline``).
   """
   if stack is None:
     return x, cache, None
@@ -151,10 +154,14 @@ def scan_blocks(stack: Optional[Block], x, positions, *, segment_ids=None, mask=
     x, cache = carry  # the stacked cache is carried, so layers update it in place
     layer_state, index = inputs
     view = None if cache is None else CacheView(cache, index)
-    x, view, stats = nnx.merge(graphdef, layer_state)(
+    y, view, stats = nnx.merge(graphdef, layer_state)(
         x, positions, segment_ids=segment_ids, mask=mask, cache=view, cache_index=cache_index,
         absorb=absorb)
-    return (x, None if view is None else view.stacked), stats
+    if layer_mask is not None:
+      on = layer_mask[index]
+      y = jnp.where(on, y, x)
+      stats = None if stats is None else jax.tree.map(lambda a: jnp.where(on, a, 0), stats)
+    return (y, None if view is None else view.stacked), stats
 
   if remat_policy != "none":
     layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[remat_policy], prevent_cse=False)

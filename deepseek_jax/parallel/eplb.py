@@ -17,6 +17,8 @@ A replica never leaves its group's node, so node-limited routing still holds. Gl
 Packing is greedy: items by decreasing load, each to the least-loaded pack with room left.
 Everything here is NumPy on the host: a placement is computed between steps from the per-layer
 expert loads the trainer records (``metrics.jsonl`` ``moe_load``), not inside the step.
+Dispatch uses one layer's table as ``parallel.expert_parallel.ExpertPlacement.from_eplb``; the
+model runs one static table for all its MoE layers (``shared_placement``).
 """
 
 from __future__ import annotations
@@ -194,3 +196,18 @@ def rebalance_experts(load: np.ndarray, n_slots: int, n_groups: int, n_nodes: in
   slot_to_expert = np.take_along_axis(order_to_expert, positions.reshape(layers, n_slots),
                                       axis=1)
   return _placement(slot_to_expert, experts, n_shards)
+
+
+def shared_placement(load: np.ndarray, n_slots: int, n_groups: int, n_nodes: int,
+                     n_shards: int) -> Placement:
+  """One placement for every layer (the model's scanned MoE stack runs one static table,
+  ``ExpertPlacement.from_eplb(shared, 0)``): ``rebalance_experts`` on the load summed over
+  layers, repeated L times so ``shard_loads`` / ``imbalance`` score it per layer. Raises
+  ValueError as ``rebalance_experts`` does."""
+  load = np.asarray(load, np.float64)
+  if load.ndim != 2:
+    raise ValueError(f"expert load must be [layers, experts], got shape {load.shape}")
+  one = rebalance_experts(load.sum(0, keepdims=True), n_slots, n_groups, n_nodes, n_shards)
+  layers = load.shape[0]
+  return Placement(np.repeat(one.slot_to_expert, layers, 0), np.repeat(one.expert_slots, layers, 0),
+                   np.repeat(one.replicas, layers, 0), n_shards)

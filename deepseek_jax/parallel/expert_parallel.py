@@ -2,10 +2,13 @@
 their experts and back by all-to-all inside ``jax.shard_map`` (V2 §3.2, V3 §3.2).
 
 Axis legend (one shard's view): T tokens on this shard, K top-k, P expert shards, S send rows,
-R receive rows, D d_model, E experts, El = E / P experts per shard.
+R receive rows, D d_model, E experts, E' >= E physical expert slots (E' > E: redundant
+experts, EPLB), El = E' / P slots per shard.
 
 How it works (every shard runs the same code):
-  1. Plan. Token t needs shard p = e // El for each of its K experts, but is sent *once per
+  0. Place. ``ExpertPlacement`` maps each top-k choice (t, k) to a physical slot: its expert's
+     slot, or with redundant experts one of its replicas, round robin (``_choose_slots``).
+  1. Plan. Token t needs shard p = slot // El for each of its K experts, but is sent *once per
      shard* (DeepEP's de-duplication): a token whose experts sit on m shards becomes m rows.
      Group-limited routing bounds m (``max_shards_per_token``): with V2 device-limited routing
      (a group per shard) m <= M; with V3 node-limited routing (a group spans P/G shards)
@@ -28,7 +31,8 @@ token-expert assignments, like V2's ``dropped``), never silently. The receiving 
 at most R min(K, El) slots, or ceil(f T K) with a factor (``local_fn`` counts what it skips).
 Both exchanges are linear, so autodiff runs them in reverse for the backward pass.
 Counters returned (summed over the whole mesh): ``dispatch_rows`` (rows sent, local shard
-included), ``remote_rows`` (rows that leave their shard), ``overflow``, plus ``local_fn``'s.
+included), ``remote_rows`` (rows that leave their shard), ``overflow``, ``shard_slots`` [P]
+(top-k slots each expert shard received: the load EPLB evens out), plus ``local_fn``'s.
 """
 
 from __future__ import annotations
@@ -69,48 +73,185 @@ def resolve_exchange(exchange: str, platform: Optional[str] = None) -> str:
   return exchange
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class ExpertPlacement:
-  """Where each routed expert lives: ``slot_of_expert[e]`` is expert e's row in the stacked
-  expert weights as they are split over the expert axis, so shard p holds the slots
-  [p El, (p + 1) El) (El = E / P). Dispatch reads this table and nothing else to find an
-  expert's shard and its local index; the identity (today's only producer) keeps expert e on
-  shard e // El. A permutation is computed exactly (tested); redundant experts (EPLB) will
-  extend the table with replica slots without touching the MoE layer. A non-identity table
-  gathers the stored (expert-ordered) weights into slot order on every call, an all-to-all of
-  the expert weights per step; a placement used for long should store them in slot order."""
+  """Where each routed expert lives: ``slot_experts[s]`` is the logical expert held by physical
+  slot s of the stacked expert weights as they are split over the expert axis, so shard p holds
+  the slots [p El, (p + 1) El) (E' slots, El = E' / P). Dispatch reads this table and nothing
+  else to find an expert's shard and its local index.
 
-  slot_of_expert: tuple[int, ...]
+  Two kinds (one class):
+    - a permutation, ``ExpertPlacement(slot_of_expert)`` with ``slot_of_expert[e]`` expert e's
+      slot (E' = E); the identity keeps expert e on shard e // El;
+    - redundant experts (EPLB), ``ExpertPlacement.from_slots(slot_experts, n_experts)`` or
+      ``from_eplb(placement, layer)``: E' >= E slots, each expert in one or more of them. For
+      each top-k choice (t, k) of expert e, dispatch picks replica (rank + j) mod R_e, rank
+      being (t, k)'s position among the assignments of e on its shard, in token order, and j
+      the shard's index along the batch axes: round robin, so a replica gets load / R_e give or
+      take one assignment per shard. Deterministic, and invisible to the function computed.
+
+  The weights stay logical ([E, ...] parameters, one copy per expert); a non-identity table
+  gathers them into slot order ([E', ...]) on every call, inside the step, so autodiff sums the
+  replicas' gradients into the one logical copy and the replicas stay identical by
+  construction. That gather is an all-to-all of the expert weights per step (a placement
+  used for long without replicas could store them in slot order instead).
+
+  ``n_shards`` (optional): the expert-axis size the table was balanced for (EPLB); dispatch
+  refuses a mesh whose expert axis differs. Raises ValueError (one line) for a table that is not
+  a permutation, a slot naming an expert outside [0, E), an expert with no slot, or E' not
+  divisible by ``n_shards``.
+  """
+
+  slot_experts: tuple[int, ...]
+  n_experts: int
+  n_shards: Optional[int]
+
+  def __init__(self, slot_of_expert: Optional[Sequence[int]] = None, *,
+               slot_experts: Optional[Sequence[int]] = None, n_experts: Optional[int] = None,
+               n_shards: Optional[int] = None):
+    if (slot_of_expert is None) == (slot_experts is None):
+      raise ValueError("ExpertPlacement takes either slot_of_expert (a permutation) or "
+                       "slot_experts with n_experts (redundant experts), not both or neither")
+    if slot_of_expert is not None:
+      slot_of_expert = tuple(int(s) for s in slot_of_expert)
+      if sorted(slot_of_expert) != list(range(len(slot_of_expert))):
+        raise ValueError(f"ExpertPlacement.slot_of_expert must be a permutation of "
+                         f"0..{len(slot_of_expert) - 1}, got {slot_of_expert}")
+      slot_experts = tuple(int(e) for e in np.argsort(np.asarray(slot_of_expert, np.int64)))
+      n_experts = len(slot_experts)
+    if n_experts is None:
+      raise ValueError("ExpertPlacement(slot_experts=...) needs n_experts (the logical experts)")
+    slot_experts = tuple(int(e) for e in slot_experts)
+    bad = [(s, e) for s, e in enumerate(slot_experts) if not 0 <= e < n_experts]
+    if bad:
+      raise ValueError(f"ExpertPlacement: slot {bad[0][0]} names expert {bad[0][1]}, outside "
+                       f"the {n_experts} experts 0..{n_experts - 1}")
+    missing = sorted(set(range(n_experts)) - set(slot_experts))
+    if missing:
+      raise ValueError(f"ExpertPlacement: expert(s) {missing[:8]} have no slot; every one of "
+                       f"the {n_experts} experts needs at least one of the "
+                       f"{len(slot_experts)} slots")
+    if n_shards is not None and (n_shards < 1 or len(slot_experts) % n_shards):
+      raise ValueError(f"ExpertPlacement: {len(slot_experts)} slots cannot be split evenly over "
+                       f"{n_shards} expert shards; use a multiple of the shard count")
+    object.__setattr__(self, "slot_experts", slot_experts)
+    object.__setattr__(self, "n_experts", int(n_experts))
+    object.__setattr__(self, "n_shards", n_shards)
 
   @classmethod
   def identity(cls, n_experts: int) -> "ExpertPlacement":
     return cls(tuple(range(n_experts)))
 
-  def __post_init__(self):
-    if sorted(self.slot_of_expert) != list(range(len(self.slot_of_expert))):
-      raise ValueError(f"ExpertPlacement.slot_of_expert must be a permutation of "
-                       f"0..{len(self.slot_of_expert) - 1}, got {self.slot_of_expert}")
+  @classmethod
+  def from_slots(cls, slot_experts: Sequence[int], n_experts: int,
+                 n_shards: Optional[int] = None) -> "ExpertPlacement":
+    """The placement whose slot s holds logical expert ``slot_experts[s]`` (E' >= E slots)."""
+    return cls(slot_experts=slot_experts, n_experts=n_experts, n_shards=n_shards)
+
+  @classmethod
+  def from_eplb(cls, placement, layer: int) -> "ExpertPlacement":
+    """Layer ``layer``'s table of an ``eplb.Placement`` (``rebalance_experts``): its
+    ``slot_to_expert[layer]`` [E'] slots for ``replicas.shape[1]`` experts, balanced for
+    ``placement.n_shards`` shards. For one table shared by all layers, balance the load summed
+    over layers: ``rebalance_experts(load.sum(0, keepdims=True), ...)`` and layer 0. Raises
+    ValueError for a layer out of range, replica counts that do not add up to the slots, or a
+    table that names a missing expert."""
+    layers, slots = placement.slot_to_expert.shape
+    if not 0 <= layer < layers:
+      raise ValueError(f"the EPLB placement has {layers} layers, asked for layer {layer}")
+    replicas = np.asarray(placement.replicas[layer])
+    if int(replicas.sum()) != slots or (replicas < 1).any():
+      raise ValueError(f"the EPLB placement's layer {layer} has {int(replicas.sum())} replicas "
+                       f"(each expert >= 1) for its {slots} slots; they must match")
+    table = np.asarray(placement.slot_to_expert[layer])
+    if (np.bincount(table[(table >= 0) & (table < len(replicas))], minlength=len(replicas))
+        != replicas).any():
+      raise ValueError(f"the EPLB placement's layer {layer}: slot_to_expert disagrees with "
+                       "replicas")
+    return cls.from_slots(table.tolist(), len(replicas), placement.n_shards)
+
+  @property
+  def n_slots(self) -> int:
+    """E', the physical slots (E for a permutation)."""
+    return len(self.slot_experts)
 
   @property
   def is_identity(self) -> bool:
-    return self.slot_of_expert == tuple(range(len(self.slot_of_expert)))
+    return self.slot_experts == tuple(range(self.n_experts))
+
+  @property
+  def is_redundant(self) -> bool:
+    """Some expert has more than one slot (E' > E)."""
+    return self.n_slots > self.n_experts
+
+  @property
+  def slot_of_expert(self) -> tuple[int, ...]:
+    """[E] each expert's first slot (for a permutation: the permutation)."""
+    first = {}
+    for slot, expert in enumerate(self.slot_experts):
+      first.setdefault(expert, slot)
+    return tuple(first[e] for e in range(self.n_experts))
 
   def expert_of_slot(self) -> np.ndarray:
-    """[E] the expert held in each slot (the inverse table)."""
-    return np.argsort(np.asarray(self.slot_of_expert))
+    """[E'] the logical expert held in each slot."""
+    return np.asarray(self.slot_experts, np.int64)
+
+  def replicas(self) -> np.ndarray:
+    """[E] the slots (copies) of each expert, >= 1."""
+    return np.bincount(self.expert_of_slot(), minlength=self.n_experts)
+
+  def expert_slots(self) -> np.ndarray:
+    """[E, R] the slots of each expert in increasing order, padded with its first slot past its
+    replica count (R = the most replicas of any expert)."""
+    table = np.tile(np.asarray(self.slot_of_expert, np.int64)[:, None],
+                    (1, int(self.replicas().max())))
+    filled = np.zeros(self.n_experts, np.int64)
+    for slot, expert in enumerate(self.slot_experts):
+      table[expert, filled[expert]] = slot
+      filled[expert] += 1
+    return table
+
+  def slot_shards(self, n_shards: int) -> np.ndarray:
+    """[E'] the expert shard of each slot."""
+    return np.arange(self.n_slots) // (self.n_slots // n_shards)
 
   def shard_of(self, n_shards: int) -> np.ndarray:
-    """[E] the expert shard that holds each expert."""
-    return np.asarray(self.slot_of_expert) // (len(self.slot_of_expert) // n_shards)
+    """[E] the expert shard that holds each expert (its first slot's, with replicas)."""
+    return self.slot_shards(n_shards)[np.asarray(self.slot_of_expert)]
+
+  def group_shards(self, n_shards: int, n_groups: int) -> list[set[int]]:
+    """The shards holding some slot (any replica) of each of ``n_groups`` equal expert
+    groups."""
+    per_group = self.n_experts // n_groups
+    shards = self.slot_shards(n_shards)
+    out = [set() for _ in range(n_groups)]
+    for slot, expert in enumerate(self.slot_experts):
+      out[expert // per_group].add(int(shards[slot]))
+    return out
+
+  def check(self, n_experts: int, n_shards: int, what: str = "the expert placement") -> None:
+    """Raises ValueError (one line) unless this table fits a layer of ``n_experts`` experts
+    split over ``n_shards`` expert shards."""
+    if self.n_experts != n_experts:
+      raise ValueError(f"{what} covers {self.n_experts} experts, the layer has {n_experts}")
+    if self.n_slots % n_shards and not self.is_redundant:
+      raise ValueError(f"n_routed_experts={n_experts} must be divisible by the mesh's expert "
+                       f"axis ({n_shards}); change mesh.expert or the number of experts")
+    if self.n_slots % n_shards:
+      raise ValueError(f"{what} has {self.n_slots} slots, not divisible by the mesh's expert "
+                       f"axis ({n_shards}); use a multiple of it")
+    if self.n_shards is not None and self.n_shards != n_shards:
+      raise ValueError(f"{what} was balanced for {self.n_shards} expert shards, the mesh's "
+                       f"expert axis has {n_shards}; rebalance for {n_shards}")
 
 
 def max_shards_per_token(n_experts: int, n_shards: int, n_groups: int, n_limited_groups: int,
                          top_k: int, placement: Optional[ExpertPlacement] = None) -> int:
   """Most shards one token can be sent to: K, P, and the group limit M times the shards one
-  group spans (1 when a shard holds whole groups, as V2's devices; P/G for V3's nodes)."""
-  per_group = n_experts // n_groups
-  shard_of = (placement or ExpertPlacement.identity(n_experts)).shard_of(n_shards)
-  span = max(len(set(shard_of[g * per_group:(g + 1) * per_group])) for g in range(n_groups))
+  group spans (1 when a shard holds whole groups, as V2's devices; P/G for V3's nodes). With
+  redundant experts a group spans every shard holding a replica of one of its experts."""
+  placement = placement or ExpertPlacement.identity(n_experts)
+  span = max(len(s) for s in placement.group_shards(n_shards, n_groups))
   return min(top_k, n_shards, n_limited_groups * span)
 
 
@@ -276,15 +417,33 @@ class _Exchange:
 LocalFn = Callable[..., tuple]
 
 
-def _shard_body(x, experts, slot_values, expert_params, shard_args, *, local_fn, n_experts,
-                max_shards, buffer_factor, exchange, tensor_split, reduce_axes,
-                placement: ExpertPlacement):
+def _choose_slots(experts: jax.Array, placement: ExpertPlacement,
+                  batch_axes: Sequence[str]) -> jax.Array:
+  """[T, K] int32: the physical slot serving each top-k choice. One replica per expert: its
+  slot. Redundant experts: replica (rank + j) mod R_e of expert e, rank = the choice's position
+  among this shard's assignments of e (token order), j = this shard's index along
+  ``batch_axes``: round robin, so the replicas split e's load evenly."""
+  if not placement.is_redundant:
+    return jnp.asarray(placement.slot_of_expert, jnp.int32)[experts]
+  flat = experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  by_expert = flat[order]
+  rank_sorted = jnp.arange(flat.shape[0]) - jnp.searchsorted(by_expert, by_expert, side="left")
+  rank = rank_sorted[jnp.argsort(order)].reshape(experts.shape)  # no scatter (XLA:CPU loops)
+  shard = jax.lax.axis_index(tuple(batch_axes)) if batch_axes else 0
+  replicas = jnp.asarray(placement.replicas(), jnp.int32)[experts]
+  replica = (rank + shard) % replicas
+  return jnp.asarray(placement.expert_slots(), jnp.int32)[experts, replica]
+
+
+def _shard_body(x, experts, slot_values, expert_params, shard_args, *, local_fn, max_shards,
+                buffer_factor, exchange, tensor_split, reduce_axes, placement: ExpertPlacement):
   """One shard: plan, dispatch, ``local_fn``, combine. Returns (y [T, D], counters)."""
   t, k = experts.shape
   p = jax.lax.axis_size(EXPERT_AXIS)
-  per_shard = n_experts // p
+  per_shard = placement.n_slots // p
   sizes = buffer_sizes(t, p, max_shards, buffer_factor, exchange)
-  slot = jnp.asarray(placement.slot_of_expert, jnp.int32)[experts]  # the table, nothing else
+  slot = _choose_slots(experts, placement, reduce_axes)  # the table, nothing else
   dest, local_slot = slot // per_shard, slot % per_shard
   plan = _plan(dest, sizes, exchange, EXPERT_AXIS)
   move = _Exchange(plan, sizes, exchange, EXPERT_AXIS)
@@ -320,8 +479,10 @@ def _shard_body(x, experts, slot_values, expert_params, shard_args, *, local_fn,
 
   sent = plan.send_size.sum()
   slots_sent = jnp.where(plan.row_sent, (ids < per_shard).sum(1), 0).sum()
+  slots_here = (ids_recv < per_shard).sum()  # received, before local_fn's capacity / limits
   counters = dict(counters, dispatch_rows=sent, remote_rows=sent - plan.send_size[context.index],
-                  overflow=counters.get("overflow", 0) + t * k - slots_sent)
+                  overflow=counters.get("overflow", 0) + t * k - slots_sent,
+                  shard_slots=jax.nn.one_hot(index, p, dtype=jnp.int32) * slots_here)
   counters = {name: jax.lax.psum(jnp.asarray(v, jnp.float32), reduce_axes)
               for name, v in counters.items()}
   return y, counters
@@ -342,11 +503,15 @@ def expert_parallel(local_fn: LocalFn, x: jax.Array, experts: jax.Array,
   (y [R, D], counters) for the rows one shard received. Returns (y [N, D], counters).
   ``check_vma=False`` turns off shard_map's varying-axes typing, which Pallas kernels (megablox,
   tokamax) do not support; autodiff then sums replicated inputs' gradients conservatively.
-  ``placement`` (default: the identity) says which expert each weight row holds; a
-  non-identity table gathers the weights into slot order first.
+  ``placement`` (default: the identity) says which logical expert each of the E' physical slots
+  holds (``ExpertPlacement``; E' > E with redundant experts); a non-identity table gathers the
+  logical [E, ...] weights into slot order [E', ...] first, so their gradients stay [E, ...].
+  ``max_shards`` must bound the shards a token reaches under that table
+  (``max_shards_per_token(..., placement)``).
 
-  Raises ValueError without a context mesh whose expert axis is > 1, or when the experts do
-  not divide over it.
+  Raises ValueError without a context mesh whose expert axis is > 1, when the experts (or the
+  placement's slots) do not divide over it, or for a placement of another expert count or
+  balanced for another expert-axis size.
   """
   mesh = expert_mesh()
   if mesh is None:
@@ -359,14 +524,9 @@ def expert_parallel(local_fn: LocalFn, x: jax.Array, experts: jax.Array,
                      "divide them; use a batch the mesh divides, or local dispatch")
   n_experts = expert_params[0].shape[0]
   p = mesh.shape[EXPERT_AXIS]
-  if n_experts % p:
-    raise ValueError(f"n_routed_experts={n_experts} must be divisible by the mesh's expert axis "
-                     f"({p}); change mesh.expert or the number of experts")
   placement = placement or ExpertPlacement.identity(n_experts)
-  if len(placement.slot_of_expert) != n_experts:
-    raise ValueError(f"the expert placement covers {len(placement.slot_of_expert)} experts, the "
-                     f"layer has {n_experts}")
-  if not placement.is_identity:
+  placement.check(n_experts, p)
+  if not placement.is_identity:  # logical [E, ...] -> slot order [E', ...]; grads sum back
     expert_of_slot = jnp.asarray(placement.expert_of_slot())
     expert_params = [w[expert_of_slot] for w in expert_params]
   tensor = mesh.shape.get(TENSOR_AXIS, 1)
@@ -382,7 +542,7 @@ def expert_parallel(local_fn: LocalFn, x: jax.Array, experts: jax.Array,
   batch = PartitionSpec(BATCH_AXES)
   reduce_axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
   body = jax.shard_map(
-      lambda *a: _shard_body(*a, local_fn=local_fn, n_experts=n_experts, max_shards=max_shards,
+      lambda *a: _shard_body(*a, local_fn=local_fn, max_shards=max_shards,
                              buffer_factor=buffer_factor, exchange=resolve_exchange(exchange),
                              tensor_split=tensor_split, reduce_axes=reduce_axes,
                              placement=placement),

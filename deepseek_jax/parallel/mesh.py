@@ -1,12 +1,13 @@
-"""The device mesh: four named axes over every device of every process.
+"""The device mesh: five named axes over every device of every process.
 
+    stage   pipeline parallelism (the layer stack cut into stages; ``parallel.pipeline``)
     data    pure data parallelism (weights replicated across it)
     fsdp    data parallelism with weights, gradients and optimizer state sharded (ZeRO-3)
     expert  expert parallelism (routed experts split across it; also a data axis)
     tensor  tensor parallelism (heads / FFN hidden split)
 
 Sizes come from the experiment config; one size may be -1 and takes what the others leave.
-The batch is split over (data, fsdp, expert); see ``partitioning.RULE_SETS`` for the weights.
+The batch is split over (data, fsdp, expert) (the stage axis holds layers, not rows); see ``partitioning.RULE_SETS`` for the weights.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from jax.sharding import AxisType, Mesh
 
 from pallas_kernels import platform as _platform
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("stage", "data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
 
 

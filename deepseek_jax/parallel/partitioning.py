@@ -34,7 +34,7 @@ class Replicated(NamedTuple):
   def __str__(self) -> str:
     return f"{self.name} dim {self.dim} ({self.logical}={self.size}, {'x'.join(self.mesh_axes)}={self.ways})"
 
-_SHARED = {"batch": BATCH_AXES, "length": None, "layers": None, "norm": None, "q_lora": None,
+_SHARED = {"batch": BATCH_AXES, "length": None, "layers": "stage", "norm": None, "q_lora": None,
            "kv_lora": None, "head_dim": None}
 
 RULE_SETS: dict[str, Rules] = {

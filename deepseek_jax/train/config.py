@@ -99,7 +99,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer.grad_clip_norm = 1.0
   c.optimizer.moment_dtype = "float32"  # bfloat16: both Adam moments in bf16 (V3)
 
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=1, tensor=1))
+  c.mesh = ml_collections.ConfigDict(dict(stage=1, data=1, fsdp=-1, expert=1, tensor=1))
+  # Pipeline parallelism over mesh.stage > 1 (deepseek_jax/parallel/pipeline/): the schedule
+  # (gpipe | 1f1b | dualpipe), micro-batches per step (0: 2 x stages, 4 x for dualpipe), and
+  # optional uneven cuts: MoE layers per pipeline stage (empty: as even as possible).
+  c.pipeline = ml_collections.ConfigDict()
+  c.pipeline.schedule = "1f1b"
+  c.pipeline.micro_batches = 0
+  c.pipeline.layers_per_stage = ()
   # On a CPU-only host: split it into this many XLA devices to run mesh layouts (expert
   # parallelism, FSDP) without accelerators; 0 = one device. Ignored on GPU/TPU.
   c.cpu_devices = 0
@@ -176,9 +183,10 @@ def _fail(field: str, message: str):
 
 
 def validate(config, n_processes: int, batch_shards: int, expert_shards: int = 1,
-             schema=None, free_form=()) -> ModelConfig:
+             schema=None, free_form=(), stages: int = 1) -> ModelConfig:
   """Every check that does not need the model compiled. Returns the ModelConfig.
-  ``batch_shards`` / ``expert_shards``: how many ways the mesh splits the batch / the experts;
+  ``batch_shards`` / ``expert_shards`` / ``stages``: how many ways the mesh splits the batch /
+  the experts / the layers (pipeline stages);
   ``schema``: the config holding every known field (default ``default_config()``; RL adds its
   sections); ``free_form``: dotted paths whose keys are the user's (RL's reward mapping)."""
   schema = schema if schema is not None else default_config()
@@ -204,6 +212,7 @@ def validate(config, n_processes: int, batch_shards: int, expert_shards: int = 1
     _fail("train.batch_size", f"the micro-batch of {micro} sequences (batch_size / grad_accum) "
           f"must be divisible by the mesh's batch axes data*fsdp*expert={batch_shards} and by the "
           f"{n_processes} process(es); use a multiple of {need}")
+  _check_pipeline(config, model, stages, micro // batch_shards)
   if 0 <= config.optimizer.total_steps < t.steps:
     _fail("optimizer.total_steps", f"{config.optimizer.total_steps} < train.steps={t.steps}: the "
           "schedule would end before training does (-1 = train.steps)")
@@ -217,6 +226,40 @@ def validate(config, n_processes: int, batch_shards: int, expert_shards: int = 1
       _fail(f"train.{field}", f"must be ((0, value), (step, value), ...), got {t[field]}")
   _check_ranges(config)
   return model
+
+
+def _check_pipeline(config, model: ModelConfig, stages: int, rows_per_shard: int) -> None:
+  """The pipeline section against the mesh's stage axis (``train.pipeline``)."""
+  from deepseek_jax.parallel.pipeline import SCHEDULES, Schedule, stage_layers
+  p = config.get("pipeline")
+  if p is None:
+    return
+  if p.schedule not in SCHEDULES:
+    _fail("pipeline.schedule", f"must be one of {SCHEDULES}, got {p.schedule!r}")
+  if p.micro_batches < 0:
+    _fail("pipeline.micro_batches", f"must be >= 0 (0: 2 x mesh.stage), got {p.micro_batches}")
+  if stages == 1:
+    return
+  if not model.n_moe_layers:
+    _fail("mesh.stage", "pipeline parallelism cuts the MoE stack into stages and this model has "
+          "no MoE layers; use mesh.stage=1")
+  if config.mesh.get("fsdp", 1) != 1:
+    _fail("mesh.fsdp", f"must be 1 with pipeline stages (mesh.stage={stages}): XLA cannot yet "
+          "partition the stages' ZeRO-3 weight gathers inside the pipeline; shard the batch "
+          "with mesh.data instead (V3 trains PP x EP x data parallelism, no ZeRO-3), e.g. --config.mesh.fsdp=1 "
+          "--config.mesh.data=-1")
+  schedule = Schedule(p.schedule, stages, pipeline_micro_batches(config, stages))
+  stage_layers(model.n_moe_layers, stages, tuple(p.layers_per_stage))
+  if rows_per_shard % schedule.n_micro:
+    _fail("pipeline.micro_batches", f"{schedule.n_micro} pipeline micro-batches must divide each "
+          f"batch shard's {rows_per_shard} sequences per step (train.batch_size / grad_accum / "
+          "the batch axes); change train.batch_size or pipeline.micro_batches")
+
+
+def pipeline_micro_batches(config, stages: int) -> int:
+  """Pipeline micro-batches per (grad_accum) micro-batch: config.pipeline.micro_batches, or
+  2 x stages when it is 0."""
+  return config.pipeline.micro_batches or 2 * stages
 
 
 MOMENT_DTYPES = ("float32", "bfloat16", "float16")

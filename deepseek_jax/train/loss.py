@@ -64,22 +64,47 @@ def loss_fn(model, batch: dict, *, mtp_weight: Optional[jax.Array] = None,
   """Returns (total loss, metrics). ``mtp_weight`` overrides config.mtp_loss_weight (schedules);
   ``normalizers`` default to this batch's own counts (see ``Normalizers``)."""
   cfg = model.config
+  norm = batch_normalizers(batch, cfg.n_mtp_modules) if normalizers is None else normalizers
+  inputs, _, _, segment_ids, positions, token_mask = batch_fields(batch)
+  out = model(inputs, positions=positions, segment_ids=segment_ids, mask=token_mask)
+  total, metrics, mtp_stats = head_loss(model, out.logits, out.hidden, batch, norm, mtp_weight)
+  stats = [s for s in (out.moe_stats, mtp_stats) if s is not None]
+  if stats:  # MoE layers of the main stack, then those inside MTP modules
+    stats = jax.tree.map(lambda *a: jnp.concatenate(a), *stats)
+    moe = moe_metrics(stats, norm.balance)
+    for term in BALANCE_TERMS:
+      total = total + moe[term]
+    metrics.update(moe)
+  metrics["loss"] = total
+  return total, metrics
+
+
+def batch_fields(batch: dict):
+  """(inputs, targets, mask f32, segment_ids, positions, token_mask) of a training batch: the
+  loss mask defaults to ones, the MoE token mask to the loss mask (or segment_ids > 0)."""
   inputs, targets = batch["inputs"], batch["targets"]
   mask = batch.get("mask", jnp.ones_like(targets)).astype(jnp.float32)
   segment_ids, positions = batch.get("segment_ids"), batch.get("positions")
   token_mask = batch.get("token_mask")
   if token_mask is None:
     token_mask = mask if segment_ids is None else (segment_ids > 0).astype(jnp.float32)
-  norm = batch_normalizers(batch, cfg.n_mtp_modules) if normalizers is None else normalizers
-  out = model(inputs, positions=positions, segment_ids=segment_ids, mask=token_mask)
-  ce = cross_entropy(out.logits, targets, mask)[0] / norm.ce
-  metrics = {"ce": ce, "tokens": mask.sum()}
+  return inputs, targets, mask, segment_ids, positions, token_mask
 
-  stats = [out.moe_stats] if out.moe_stats is not None else []
+
+def head_loss(model, logits: jax.Array, hidden: jax.Array, batch: dict, norm: Normalizers,
+              mtp_weight: Optional[jax.Array] = None):
+  """The loss terms after the decoder stack: next-token CE of ``logits`` [B, T, V] and the MTP
+  depths run from ``hidden`` [B, T, D] (V3 §2.2, eq. 24-25). Returns (CE + lambda/D sum CE_k,
+  metrics, the MTP blocks' MoE stats stacked [D, ...] or None)."""
+  cfg = model.config
+  _, targets, mask, segment_ids, positions, _ = batch_fields(batch)
+  ce = cross_entropy(logits, targets, mask)[0] / norm.ce
+  metrics = {"ce": ce, "tokens": mask.sum()}
+  stats = []
   mtp_total = jnp.zeros((), jnp.float32)
   if cfg.n_mtp_modules:
     lam = cfg.mtp_loss_weight if mtp_weight is None else mtp_weight
-    for k, mtp in enumerate(model.mtp_forward(out.hidden, targets, mask, positions=positions,
+    for k, mtp in enumerate(model.mtp_forward(hidden, targets, mask, positions=positions,
                                               segment_ids=segment_ids), start=1):
       ce_k = cross_entropy(mtp.logits, mtp.targets, mtp.mask)[0] / norm.mtp[k - 1]
       metrics[f"mtp_ce_{k}"] = ce_k
@@ -88,17 +113,9 @@ def loss_fn(model, batch: dict, *, mtp_weight: Optional[jax.Array] = None,
         stats.append(jax.tree.map(lambda a: a[None], mtp.moe_stats))
     metrics["mtp_ce"] = mtp_total / cfg.n_mtp_modules
     mtp_total = lam / cfg.n_mtp_modules * mtp_total
-
-  total = ce + mtp_total
-  if stats:  # MoE layers of the main stack, then those inside MTP modules
-    stats = jax.tree.map(lambda *a: jnp.concatenate(a), *stats)
-    moe = moe_metrics(stats, norm.balance)
-    for term in BALANCE_TERMS:
-      total = total + moe[term]
-    metrics.update(moe)
   metrics["mtp_loss"] = mtp_total
-  metrics["loss"] = total
-  return total, metrics
+  stats = jax.tree.map(lambda *a: jnp.concatenate(a), *stats) if stats else None
+  return ce + mtp_total, metrics, stats
 
 
 class Loss(Protocol):

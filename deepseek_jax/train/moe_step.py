@@ -24,7 +24,7 @@ from deepseek_jax.model.moe import RouterBias
 from deepseek_jax.model.transformer import router_bias_update
 
 BALANCE_TERMS = ("expert_balance", "device_balance", "comm_balance")
-_PER_TOKEN = ("dispatch_per_token", "remote_per_token")  # expert parallelism: rows per token
+PER_TOKEN = ("dispatch_per_token", "remote_per_token")  # expert parallelism: rows per token
 
 
 def moe_metrics(stats: dict, balance_scale=1.0) -> dict:
@@ -43,7 +43,7 @@ def moe_metrics(stats: dict, balance_scale=1.0) -> dict:
   metrics["assignments"] = stats["assignments"].sum()
   metrics["dropped_fraction"] = metrics["dropped"] / jnp.maximum(metrics["assignments"], 1)
   metrics["overflow"] = stats["overflow"].sum()  # expert-parallel buffer overflow (slots)
-  for key in _PER_TOKEN:
+  for key in PER_TOKEN:
     if key in stats:
       metrics[key] = stats[key].mean()
   return metrics
@@ -66,7 +66,7 @@ def finish_moe_metrics(metrics: dict, n_micro: int) -> dict:
   metrics = dict(metrics)
   if "assignments" in metrics:
     metrics["dropped_fraction"] = metrics["dropped"] / jnp.maximum(metrics["assignments"], 1)
-  for key in _PER_TOKEN:
+  for key in PER_TOKEN:
     if key in metrics:
       metrics[key] = metrics[key] / n_micro
   return metrics

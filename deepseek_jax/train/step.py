@@ -90,7 +90,7 @@ def init_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, m
   return graphdef, TrainState(step, params, rest, opt_state), sh
 
 
-def _split_micro(batch: dict, n: int, sharding=None) -> dict:
+def split_micro(batch: dict, n: int, sharding=None) -> dict:
   """[B, ...] -> [n, B/n, ...] with micro-batch i = rows i, i+n, i+2n, ...: every device's
   contiguous block of rows splits evenly over the micro-batches, so each one stays sharded over
   the batch axes (a contiguous split would gather whole micro-batches onto every device)."""
@@ -119,7 +119,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, loss: Loss,
   if n_micro == 1:
     (_, metrics), grads = grad_fn(state.params, batch)
   else:
-    micro = _split_micro(batch, n_micro, micro_sharding)
+    micro = split_micro(batch, n_micro, micro_sharding)
     first = jax.tree.map(lambda x: x[0], micro)
     shapes = jax.eval_shape(grad_fn, state.params, first)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][1], shapes[1]))

@@ -37,6 +37,7 @@ from deepseek_jax.inference.generate import SamplingConfig, generate
 from deepseek_jax.model.execution import Execution, resolve_execution, set_execution
 from deepseek_jax.model.transformer import abstract_model
 from deepseek_jax.parallel.mesh import batch_shards, make_mesh, under_mesh
+from deepseek_jax.parallel.pipeline import Schedule, analyse
 from deepseek_jax.parallel.partitioning import (batch_sharding, get_rules, replicated_dims,
                                                 replication_summary)
 from deepseek_jax.train import config as config_lib
@@ -48,6 +49,7 @@ from deepseek_jax.interop.orbax_params import load_model, resolve_checkpoint, sa
 from deepseek_jax.train.checkpoint import (Checkpointer, check_compatible, check_data_position,
                                            config_record)
 from deepseek_jax.train.loss import PretrainLoss, loss_fn
+from deepseek_jax.train.pipeline import PipelinedPretrainLoss, stage_layers
 from deepseek_jax.train.metrics import MetricsLogger, device_peak_flops, say
 from deepseek_jax.train.optimizer import lr_schedule, make_optimizer, piecewise_constant
 from deepseek_jax.train.sft import chat_context
@@ -116,7 +118,7 @@ def build_setup(config, schema=None, free_form=()) -> Setup:
                      "--config.cpu_devices=N") from None
   model_cfg = config_lib.validate(config, jax.process_count(), batch_shards(mesh),
                                   mesh.shape["expert"], schema=schema,
-                                  free_form=free_form)
+                                  free_form=free_form, stages=mesh.shape["stage"])
   rules = get_rules(config.partitioning.rules)
   tokenizer = data_lib.make_tokenizer(config.data)
   if tokenizer.vocab_size > model_cfg.vocab_size:
@@ -136,6 +138,16 @@ def startup_report(setup: Setup) -> list[str]:
   lines = [f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
            f"device(s), {jax.process_count()} process(es); rules {c.partitioning.rules!r}",
            f"execution {setup.execution.summary()}"]
+  loss = pretrain_loss(setup)
+  if isinstance(loss, PipelinedPretrainLoss):
+    a = analyse(loss.schedule)
+    cut = stage_layers(setup.model_cfg.n_moe_layers, a.n_stages, loss.layers_per_stage)
+    lines.append(f"pipeline {a.name} over {a.n_stages} stages, {loss.schedule.n_micro} "
+                 f"micro-batches, MoE layers per stage {cut}: {a.ticks} ticks, "
+                 f"{1 - a.busy:.0%} idle; bubble {a.bubble_formula}, at most {a.activations} "
+                 f"micro-batches in flight per rank ({a.activations_formula}), "
+                 f"{a.parameter_copies} parameter cop"
+                 f"{'ies' if a.parameter_copies > 1 else 'y'}")
   replicated = replication_summary(replicated_dims(
       nnx.state(abstract_model(setup.model_cfg), nnx.Param), mesh, setup.rules))
   if replicated:
@@ -340,6 +352,17 @@ def train(config, workdir: str, step: Optional[int] = None) -> dict:
     lock.release()
 
 
+def pretrain_loss(setup: Setup, mtp_weight=None):
+  """The run's pretraining objective: ``PretrainLoss``, or its pipelined form over the mesh's
+  stage axis (``train.pipeline``) when mesh.stage > 1."""
+  n_mtp, stages = setup.model_cfg.n_mtp_modules, setup.mesh.shape["stage"]
+  if stages == 1:
+    return PretrainLoss(n_mtp, mtp_weight)
+  p = setup.config.pipeline
+  schedule = Schedule(p.schedule, stages, config_lib.pipeline_micro_batches(setup.config, stages))
+  return PipelinedPretrainLoss(n_mtp, schedule, tuple(p.layers_per_stage), mtp_weight)
+
+
 def _train_locked(setup: Setup, workdir: str, requested: Optional[int],
                   preemption: "Preemption") -> dict:
   c, mesh = setup.config, setup.mesh
@@ -359,7 +382,7 @@ def _train_locked(setup: Setup, workdir: str, requested: Optional[int],
     say(f"resumed from step {start} ({ckpt.directory})")
   options = StepOptions(grad_accum=c.train.grad_accum, lr_schedule=lr_schedule(_optimizer_cfg(c)),
                         router_bias_rate=piecewise_constant(c.train.router_bias_rate))
-  loss = PretrainLoss(setup.model_cfg.n_mtp_modules, piecewise_constant(c.train.mtp_weight))
+  loss = pretrain_loss(setup, piecewise_constant(c.train.mtp_weight))
   step_fn = jit_train_step(setup.model_cfg, graphdef, setup.tx, options, shardings, mesh,
                            setup.rules, loss)
   peak, peak_source = device_peak_flops(c.metrics.peak_flops_per_device)

@@ -87,3 +87,16 @@ def test_bad_placements_are_refused():
     eplb.rebalance_experts(-load, 32, 1, 1, 8)
   with pytest.raises(ValueError, match="32 experts cannot be split evenly over 5 shards"):
     eplb.static_placement(4, 32, 5)
+
+
+def test_shared_placement_is_one_table_balanced_on_the_summed_load():
+  load = _skewed()
+  shared = eplb.shared_placement(load, 40, 1, 1, 8)
+  one = eplb.rebalance_experts(load.sum(0, keepdims=True), 40, 1, 1, 8)
+  assert (shared.slot_to_expert == one.slot_to_expert).all()  # every layer: the same table
+  assert shared.slot_to_expert.shape == (4, 40) and shared.replicas.shape == (4, 32)
+  np.testing.assert_allclose(shared.imbalance(load),  # each layer scored under that table
+                             [one.imbalance(load[layer:layer + 1])[0] for layer in range(4)])
+  # per-layer tables fit each layer at least as well as one table for all
+  per_layer = eplb.rebalance_experts(load, 40, 1, 1, 8).imbalance(load)
+  assert per_layer.mean() <= shared.imbalance(load).mean()
