@@ -15,6 +15,18 @@ from typing import Optional
 import jax
 
 
+def is_remote(path) -> bool:
+  """Whether ``path`` names an object store (``gs://``, ``s3://``: anything with a scheme),
+  read and written through ``etils.epath`` rather than the local file system."""
+  return "://" in str(path)
+
+
+def resolve_path(path) -> str:
+  """``path`` made absolute, unless it is remote (``os.path.abspath("gs://b/run")`` would be
+  the local folder ``<cwd>/gs:/b/run``)."""
+  return str(path) if is_remote(path) else os.path.abspath(path)
+
+
 class RunError(RuntimeError):
   """A run stopped for a reason the user can act on (``run_cli`` prints it as one line)."""
 

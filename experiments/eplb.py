@@ -2,8 +2,9 @@ r"""EPLB placement from a training run's recorded expert load (deepseek_jax/para
 reads ``moe_load`` (tokens per expert per MoE layer, MTP modules last) from ``metrics.jsonl``,
 averages the last ``--records`` records, and prints the placement and the load imbalance of
 the busiest shard (max / mean tokens per shard) before (static: expert e on shard e // (E/S))
-and after: per layer (each layer its own table) and shared (one table balanced on the load
-summed over layers: what the model's scanned MoE stack runs today, via
+and after: per layer (each layer its own table: install it with
+``model.execution.set_expert_placement(model, placement, mesh)``, the layer scan slices the
+tables) and shared (one table balanced on the load summed over layers, a static
 ``ExpertPlacement.from_eplb(eplb.shared_placement(...), 0)`` in ``Execution.expert_placement``).
 
     python experiments/eplb.py --workdir=/tmp/ds-small --shards=8 --redundant=8
@@ -28,6 +29,7 @@ _GROUPS = flags.DEFINE_integer("groups", 1, "expert groups (V3: 8); hierarchical
                                "by --nodes")
 _NODES = flags.DEFINE_integer("nodes", 1, "nodes the shards are spread over")
 _RECORDS = flags.DEFINE_integer("records", 5, "average the load of the last N logged steps")
+_PNG = flags.DEFINE_string("png", None, "also plot the per-shard load before/after here")
 _SHOW = flags.DEFINE_integer("show_layers", 2, "layers whose placement table is printed")
 
 
@@ -71,11 +73,45 @@ def report() -> None:
   print(f"mean over layers: static {before.mean():.3f}, per layer {after.mean():.3f}, shared "
         f"{one.mean():.3f}")
   per_shard = slots // _SHARDS.value
+  if _PNG.value:
+    _plot(_PNG.value, load, static, placement, shared)
+    print(f"wrote {_PNG.value}")
   for layer in range(min(_SHOW.value, layers)):
     print(f"layer {layer}: shard -> logical experts in its {per_shard} slots")
     for shard in range(_SHARDS.value):
       held = placement.slot_to_expert[layer, shard * per_shard:(shard + 1) * per_shard]
       print(f"  {shard}: {' '.join(str(e) for e in held)}")
+
+
+def _plot(path: str, load: np.ndarray, static, placement, shared) -> None:
+  """Left: max/mean load per shard by layer for the three placements. Right: the tokens each
+  shard serves in the most skewed layer, static vs EPLB per layer."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  layers = load.shape[0]
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+  x = np.arange(layers)
+  for i, (name, p) in enumerate((("static", static), ("EPLB shared", shared),
+                                 ("EPLB per layer", placement))):
+    left.bar(x + (i - 1) * 0.27, p.imbalance(load), 0.27, label=name)
+  left.axhline(1.0, color="black", lw=0.8, ls="--")
+  left.set_xticks(x, [str(l) for l in x])
+  left.set_xlabel("MoE layer (MTP last)")
+  left.set_ylabel("max / mean tokens per shard")
+  left.set_title(f"{p.n_shards} shards, {placement.slot_to_expert.shape[1]} slots")
+  left.legend(fontsize=8)
+  worst = int(np.argmax(static.imbalance(load)))
+  shards = np.arange(static.n_shards)
+  right.bar(shards - 0.2, static.shard_loads(load)[worst], 0.4, label="static")
+  right.bar(shards + 0.2, placement.shard_loads(load)[worst], 0.4, label="EPLB per layer")
+  right.set_xlabel("expert shard")
+  right.set_ylabel("top-k assignments (mean per step)")
+  right.set_title(f"layer {worst}, the most skewed")
+  right.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def main(argv):

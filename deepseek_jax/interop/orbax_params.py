@@ -15,9 +15,11 @@ from typing import Optional
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
+from deepseek_jax.cli import resolve_path
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.execution import Execution, resolve_execution
 from deepseek_jax.model.transformer import DeepSeekModel, abstract_model
@@ -60,7 +62,7 @@ _SPLIT = (nnx.Param, ...)  # params, then everything else (router biases)
 def checkpoint_root(directory: str) -> str:
   """The folder holding step directories: ``DIR/checkpoints`` of a workdir, else ``DIR``."""
   nested = os.path.join(directory, "checkpoints")
-  return os.path.abspath(nested if os.path.isdir(nested) else directory)
+  return resolve_path(nested if epath.Path(nested).is_dir() else directory)
 
 
 def resolve_checkpoint(directory: str, step: Optional[int] = None, report=print) -> tuple[str, int]:
@@ -69,11 +71,11 @@ def resolve_checkpoint(directory: str, step: Optional[int] = None, report=print)
   (0 included) must exist and verify; by default the newest step that verifies
   (``integrity.choose_step``, which reports steps passed over). Raises FileNotFoundError
   (nothing there, or no such step) and integrity.CheckpointIntegrityError."""
-  directory = os.path.abspath(directory)
-  if not os.path.isdir(directory):
+  directory = resolve_path(directory)
+  if not epath.Path(directory).is_dir():
     raise FileNotFoundError(f"no checkpoint directory at {directory}")
   name, parent = os.path.basename(directory), os.path.dirname(directory)
-  if name.isdigit() and step is None and os.path.isdir(os.path.join(directory, "state")):
+  if name.isdigit() and step is None and epath.Path(directory, "state").is_dir():
     directory, step = parent, int(name)
   root = checkpoint_root(directory)
   choice = integrity.choose_step(root, step, report=report)
@@ -93,7 +95,7 @@ def save_model(model: DeepSeekModel, directory: str, *, step: int = 0,
   non-empty ``directory`` (nothing is overwritten). Returns the step directory."""
   require_new_directory(directory)
   _, params, rest = nnx.split(model, *_SPLIT)
-  root = os.path.join(os.path.abspath(directory), "checkpoints")
+  root = os.path.join(resolve_path(directory), "checkpoints")
   manager = _manager(root, create=True)
   record = {"model_config": model.config.to_dict(), **(extra_config or {})}
   manager.save(step, args=ocp.args.Composite(
@@ -108,7 +110,7 @@ def save_model(model: DeepSeekModel, directory: str, *, step: int = 0,
 def saved_record(step_dir: str) -> dict:
   """The config record saved beside a step (``model_config``, and for training runs the
   ``experiment`` config)."""
-  root, step = os.path.dirname(os.path.abspath(step_dir)), int(os.path.basename(step_dir))
+  root, step = os.path.dirname(resolve_path(step_dir)), int(os.path.basename(step_dir))
   manager = _manager(root)
   try:
     return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
@@ -127,7 +129,7 @@ def load_model(directory: str, *, step: Optional[int] = None, mesh: Optional[Mes
   FileNotFoundError for a missing directory or step, integrity.CheckpointIntegrityError for a
   step whose files changed, and ValueError for a checkpoint without a model_config."""
   if verified:
-    root, step = os.path.dirname(os.path.abspath(directory)), int(os.path.basename(directory))
+    root, step = os.path.dirname(resolve_path(directory)), int(os.path.basename(directory))
   else:
     root, step = resolve_checkpoint(directory, step)
   record = saved_record(os.path.join(root, str(step)))

@@ -25,9 +25,10 @@ from jax.sharding import Mesh
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.attention import GroupedQueryAttention, check_kernel_choice
 from deepseek_jax.model.mla import MultiHeadLatentAttention
-from deepseek_jax.model.moe import MoE
+from deepseek_jax.model.moe import MoE, set_layer_placement
 from deepseek_jax.ops.grouped_matmul import resolve_impl
 from deepseek_jax.ops.matmul import MatmulFormat
+from deepseek_jax.parallel import eplb
 from deepseek_jax.parallel.expert_parallel import ExpertPlacement, resolve_exchange
 from deepseek_jax.quant.fp8 import BLOCK as FP8_BLOCK, fp8_execution
 from pallas_kernels.platform import target_platform, warn_fallback
@@ -48,7 +49,8 @@ class Execution:
     ``ExpertPlacement.from_eplb(eplb_placement, layer)``); set it with
     ``dataclasses.replace(execution, expert_placement=...)``. One static table for every MoE
     layer (the scanned stack shares one layer's code): balance it on the load summed over
-    layers, or on the layer that matters most.
+    layers. For each layer its own table (better when the layers' hot experts differ), leave
+    this None and install a per-layer EPLB placement with ``set_expert_placement``.
   matmul: the weight matmuls' number format and, for FP8, how the platform runs it
     (``quant.fp8.fp8_execution``); for the log only.
   fp8_kernel: "xla" | "mosaic_gpu": what runs the dense layers' blockwise FP8 Fprop / Dgrad
@@ -168,4 +170,47 @@ def set_execution(model: nnx.Module, execution: Execution) -> nnx.Module:
           exchange=execution.expert_exchange, placement=execution.expert_placement).resolved()
   if hasattr(model, "execution"):
     model.execution = execution
+  return model
+
+
+def set_expert_placement(model: nnx.Module, placement: Optional[eplb.Placement],
+                         mesh: Optional[Mesh] = None) -> nnx.Module:
+  """Install a per-layer EPLB placement (``eplb.rebalance_experts``) into a built model, in
+  place; returns it. Each MoE layer gets its own table, the scanned stack keeps scanning:
+
+      load = np.asarray(metrics["moe_load"])     # [n_moe_layers + n_mtp_modules, E]
+      placement = eplb.rebalance_experts(load, n_slots, cfg.n_expert_groups, 1, expert_axis)
+      set_expert_placement(model, placement, mesh)
+
+  ``model``: a ``DeepSeekModel``, whose MoE stack takes rows 0..L-1 in order and whose MTP
+  modules (if MoE) take the rows after them, one each, when ``placement`` has them (the order
+  of the trainer's ``moe_load``); or a stack of blocks (``stack_blocks``) or an ``MoE`` layer
+  (``moe.set_layer_placement``). None removes the tables everywhere (the identity again).
+  ``Execution.expert_placement`` (one static table) must be None. With ``mesh`` the tables are
+  checked against its expert axis now, else when the layers trace. Raises ValueError (one
+  line, before compiling) for a row count other than the MoE stack's (or stack plus MTP
+  modules'), and as ``set_layer_placement`` does: replicas that do not add up to the slots,
+  another expert count, slots the expert axis does not divide, tables balanced for another
+  shard count.
+  """
+  if isinstance(model, MoE):
+    return set_layer_placement(model, placement, mesh)
+  if not hasattr(model, "moe_layers"):  # a stack of blocks
+    set_layer_placement(model.ffn, placement, mesh)
+    return model
+  stack = model.moe_layers
+  mtp = [m.block.ffn for m in getattr(model, "mtp", ()) if isinstance(m.block.ffn, MoE)]
+  if placement is None:
+    for layer in ([stack.ffn] if stack is not None else []) + mtp:
+      set_layer_placement(layer, None)
+    return model
+  n_stack = 0 if stack is None else stack.ffn.gate.shape[0]
+  if placement.n_layers not in (n_stack, n_stack + len(mtp)) or not n_stack:
+    raise ValueError(f"the EPLB placement has {placement.n_layers} layers, the model "
+                     f"{n_stack} MoE layers and {len(mtp)} MTP MoE layers; give "
+                     f"{n_stack} (the stack) or {n_stack + len(mtp)} (stack, then MTP) rows")
+  set_layer_placement(stack.ffn, placement.rows(0, n_stack), mesh)
+  if placement.n_layers > n_stack:
+    for i, layer in enumerate(mtp):
+      set_layer_placement(layer, placement.rows(n_stack + i, n_stack + i + 1), mesh)
   return model

@@ -38,8 +38,11 @@ expert-parallel (``parallel/expert_parallel.py``: all-to-all dispatch, each shar
 what it received, all-to-all combine); routing and statistics are unchanged. Its
 ``DispatchSpec.placement`` may hold redundant experts (EPLB, ``parallel/eplb.py``): each
 assignment then goes to one replica of its expert, round robin, while the weights, their
-gradients and ``load`` stay per logical expert. Expert-parallel stats add ``shard_load`` [P],
-the top-k slots each expert shard received (what EPLB evens out).
+gradients and ``load`` stay per logical expert. That table is static, so one serves every layer
+of a scanned stack; ``set_layer_placement`` instead gives each layer its own (EPLB balances
+each layer's hot experts): int32 ``ExpertTable`` state on the layer, [L, ...] in a stack, which
+the layer scan slices like the weights. Expert-parallel stats add ``shard_load`` [P], the
+top-k slots each expert shard received (what EPLB evens out).
 
 Constructor specs: ``ExpertSpec`` (how many experts, how wide), ``RoutingSpec`` (how tokens
 pick them), ``BalanceSpec`` (bias and balance losses), ``DispatchSpec`` (capacity, kernels,
@@ -63,12 +66,34 @@ from deepseek_jax.ops.grouped_matmul import (default_tile, grouped_matmul, resol
 from deepseek_jax.ops.matmul import BF16, MatmulFormat, mosaic_gpu_grouped_gemm, weight_matmul
 from deepseek_jax.quant.fp8 import BLOCK as FP8_BLOCK, chunk_starts
 from deepseek_jax.ops.rows import gather_rows
-from deepseek_jax.parallel import expert_parallel
-from deepseek_jax.parallel.expert_parallel import ExpertPlacement
+from deepseek_jax.parallel import eplb, expert_parallel
+from deepseek_jax.parallel.expert_parallel import (ExpertPlacement, SlotTable, TableLayout,
+                                                   stack_tables)
 
 
 class RouterBias(nnx.Variable):
   """Aux-loss-free balancing bias: state updated from expert load, not by the optimiser."""
+
+
+class ExpertTable(nnx.Variable):
+  """Expert-placement state (int32): which physical slot holds which expert, per layer. Not a
+  parameter; set between steps by ``set_layer_placement``, never by the optimiser."""
+
+
+class PlacementTable(nnx.Module):
+  """A layer's own expert placement (``set_layer_placement``): ``slot_experts`` [E'],
+  ``expert_slots`` [E, R] and ``replicas`` [E] as ``ExpertTable`` int32 arrays, each with a
+  leading [L] in a stacked layer (the layer scan hands each layer its row), and ``layout``, the
+  static ``TableLayout`` all layers share (E', R, the shards-per-token bound)."""
+
+  def __init__(self, layout: TableLayout, table: SlotTable):
+    self.layout = layout
+    self.slot_experts = ExpertTable(jnp.asarray(table.slot_experts, jnp.int32))
+    self.expert_slots = ExpertTable(jnp.asarray(table.expert_slots, jnp.int32))
+    self.replicas = ExpertTable(jnp.asarray(table.replicas, jnp.int32))
+
+  def arrays(self) -> SlotTable:
+    return SlotTable(self.slot_experts[...], self.expert_slots[...], self.replicas[...])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +155,8 @@ class DispatchSpec:
     receive buffers; placement: ``ExpertPlacement``, the expert -> physical slot (and so
     shard) table, with redundant experts (EPLB) if it has more slots than experts (None =
     identity). One static table serves every layer that holds this spec (the scanned MoE stack
-    shares one); the weights stay logical [E, ...] and the load stats stay per logical expert.
+    shares one; ``set_layer_placement`` gives each layer its own instead); the weights stay
+    logical [E, ...] and the load stats stay per logical expert.
   """
 
   capacity_factor: Optional[float] = None
@@ -428,7 +454,7 @@ def moe_dense_oracle(x, routing: Routing, w_gate, w_up, w_down, keep=None):
 
 def _shard_experts(x, ids, values, params, shard_args, ctx, *, routing: RoutingSpec,
                    n_experts: int, capacity_factor: Optional[float], impl: str,
-                   placement: ExpertPlacement, fmt: MatmulFormat = BF16):
+                   placement, fmt: MatmulFormat = BF16):
   """The expert-parallel ``local_fn``: one shard's experts on the rows it received.
 
   ids [R, K] local expert ids (El = not on this shard), values = (weights, [priority]).
@@ -450,10 +476,7 @@ def _shard_experts(x, ids, values, params, shard_args, ctx, *, routing: RoutingS
     dropped = (valid & ~keep & (priority >= 0)).sum().astype(jnp.float32)
     ids = jnp.where(keep, ids, per_shard)
     # Static bound: a group keeps at most cf * (every token of the EP group) * K / G slots.
-    expert_of_slot = placement.expert_of_slot()
-    groups_here = max(len({int(e) // per_group for e in expert_of_slot[i * per_shard:
-                                                                      (i + 1) * per_shard]})
-                      for i in range(ctx.n_shards))
+    groups_here = placement.groups_per_shard(ctx.n_shards, routing.n_groups)
     most = math.ceil(capacity_factor * ctx.n_shards * ctx.n_tokens * routing.top_k
                      / routing.n_groups)
     max_slots = min(max_slots, max(most, 1) * groups_here)
@@ -466,7 +489,9 @@ class MoE(nnx.Module):
 
   Weights: router ``gate`` [D, E] (float32 math), routed experts ``w_gate`` / ``w_up`` [E, D, F]
   and ``w_down`` [E, F, D], shared experts ``shared`` (a SwiGLU of n_shared F), and the
-  ``router_bias`` [E] state when balance.router_bias. With ``dispatch.mode="expert_parallel"``
+  ``router_bias`` [E] state when balance.router_bias, and ``placement_table`` (per-layer expert
+  placement state, ``set_layer_placement``) when one is installed, else None. With
+  ``dispatch.mode="expert_parallel"``
   the routed experts run over the mesh's expert axis (``parallel.expert_parallel``); routing,
   statistics and losses stay global arrays, so expert loads and balance terms always count
   the whole batch.
@@ -488,6 +513,7 @@ class MoE(nnx.Module):
     self.shared = (SwiGLU(d, experts.n_shared * f, init_std=init_std, dtype=dtype,
                           param_dtype=param_dtype, rngs=rngs, matmul_format=matmul_format)
                    if experts.n_shared else None)
+    self.placement_table = None  # no state (the checkpoint unchanged) until one is installed
     self.matmul_format = matmul_format
     self.routing = routing
     self.balance = balance
@@ -497,6 +523,17 @@ class MoE(nnx.Module):
   @property
   def capacity_factor(self) -> Optional[float]:
     return self.dispatch.capacity_factor
+
+  def _placement(self, n_experts: int):
+    """(static placement, traced table or None): the layer's own tables if installed, else
+    ``DispatchSpec.placement`` (default identity). Raises ValueError when both are set."""
+    shared = self.dispatch.placement
+    if self.placement_table is None:
+      return shared or ExpertPlacement.identity(n_experts), None
+    if shared is not None and not shared.is_identity:
+      raise ValueError("the MoE layer has both DispatchSpec.placement (one table for every "
+                       "layer) and per-layer tables (set_layer_placement); keep one")
+    return self.placement_table.layout, self.placement_table.arrays()
 
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None, drop_tokens: bool = True):
     """x [B,T,D], mask [B,T] (1 = real token; padding is excluded from load, losses and
@@ -525,11 +562,11 @@ class MoE(nnx.Module):
       spec = self.routing
       mesh = expert_parallel.expert_mesh()
       n_shards = 1 if mesh is None else mesh.shape["expert"]
-      placement = dispatch.placement or ExpertPlacement.identity(n_experts)
+      placement, table = self._placement(n_experts)
       if mesh is not None:  # else expert_parallel names the missing mesh
-        placement.check(n_experts, n_shards, "DispatchSpec.placement")
-      if capacity_factor is not None and any(
-          len(shards) > 1 for shards in placement.group_shards(n_shards, spec.n_groups)):
+        placement.check(n_experts, n_shards, "DispatchSpec.placement" if table is None
+                        else "the per-layer expert placement")
+      if capacity_factor is not None and placement.group_span(n_shards, spec.n_groups) > 1:
         raise ValueError(
             f"capacity_factor={capacity_factor} (V2 device-level dropping) treats each of the "
             f"n_expert_groups={spec.n_groups} groups as a device, so a group must lie on one "
@@ -548,7 +585,7 @@ class MoE(nnx.Module):
               n_experts, n_shards, spec.n_groups, spec.n_limited_groups, top_k, placement),
           buffer_factor=dispatch.buffer_factor, exchange=dispatch.exchange,
           check_vma=dispatch.grouped_matmul in ("tiled", "ragged_dot"),  # Pallas: no vma types
-          placement=placement)
+          placement=placement, table=table)
       dropped, overflow = counters["dropped"], counters["overflow"]
     else:
       experts = routing.experts
@@ -590,3 +627,50 @@ class MoE(nnx.Module):
       stats["remote_per_token"] = counters["remote_rows"] / (b * t)
       stats["shard_load"] = counters["shard_slots"]  # [P] slots each expert shard received
     return y.reshape(b, t, d), stats
+
+
+def set_layer_placement(layer: MoE, placement: Optional[eplb.Placement],
+                        mesh: Optional[jax.sharding.Mesh] = None) -> MoE:
+  """Give ``layer`` per-layer expert placement tables, in place; returns it.
+
+  ``placement`` (``eplb.rebalance_experts``) has one row per layer: L rows for a stacked layer
+  (``transformer.stack_blocks``: router ``gate`` [L, D, E]), whose row l layer l of the scan
+  uses, or 1 row for a single layer. They become the layer's ``placement_table``: int32 arrays
+  with the layer axis, sliced by the scan like the weights, plus the static ``TableLayout`` all
+  layers share (one compiled layer serves them all). Expert-parallel dispatch then reads the
+  traced tables; local dispatch ignores them. None removes them (the identity again, or
+  ``DispatchSpec.placement``). The tables are state, not parameters: ``nnx.split(model,
+  nnx.Param, ...)`` puts them with the rest (saved in checkpoints; install them before restoring
+  a checkpoint that holds them). With ``mesh`` they are checked against its expert axis now;
+  they are checked again when the layer traces.
+
+  Raises ValueError (one line, before compiling) for a row count other than the layer count, a
+  row whose replicas do not add up to its slots, a table of another expert count, slots the
+  mesh's expert axis does not divide, tables balanced for another shard count, and a layer that
+  already has a non-identity ``DispatchSpec.placement``.
+  """
+  if placement is None:
+    layer.placement_table = None
+    return layer
+  stacked = layer.gate.ndim == 3  # [L, D, E] in a stacked layer
+  n_layers, n_experts = (layer.gate.shape[0] if stacked else 1), layer.gate.shape[-1]
+  rows = placement.slot_to_expert.shape[0]
+  if rows != n_layers:
+    raise ValueError(f"the EPLB placement has {rows} layers, the MoE "
+                     f"{f'stack has {n_layers}' if stacked else 'layer is one'}; compute it "
+                     "from that stack's load rows")
+  shared = layer.dispatch.placement
+  if shared is not None and not shared.is_identity:
+    raise ValueError("the MoE layer already has DispatchSpec.placement (one table for every "
+                     "layer); set Execution.expert_placement=None before per-layer tables")
+  placements = [ExpertPlacement.from_eplb(placement, row) for row in range(rows)]
+  for row, one in enumerate(placements):
+    one.check(n_experts, placement.n_shards, f"the EPLB placement's layer {row}")
+  layout, table = stack_tables(placements, layer.routing.n_groups, placement.n_shards)
+  expert_axis = 1 if mesh is None else mesh.shape.get(expert_parallel.EXPERT_AXIS, 1)
+  if expert_axis > 1:
+    layout.check(n_experts, expert_axis, "the EPLB placement")
+  if not stacked:
+    table = SlotTable(*(a[0] for a in table))
+  layer.placement_table = nnx.data(PlacementTable(layout, table))
+  return layer

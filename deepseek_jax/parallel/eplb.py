@@ -17,8 +17,11 @@ A replica never leaves its group's node, so node-limited routing still holds. Gl
 Packing is greedy: items by decreasing load, each to the least-loaded pack with room left.
 Everything here is NumPy on the host: a placement is computed between steps from the per-layer
 expert loads the trainer records (``metrics.jsonl`` ``moe_load``), not inside the step.
-Dispatch uses one layer's table as ``parallel.expert_parallel.ExpertPlacement.from_eplb``; the
-model runs one static table for all its MoE layers (``shared_placement``).
+Dispatch uses one layer's table as ``parallel.expert_parallel.ExpertPlacement.from_eplb``. A
+model takes the whole per-layer placement with ``model.execution.set_expert_placement`` (each
+layer of the scanned MoE stack its own row, as traced tables), or one static table for all its
+MoE layers (``shared_placement``, via ``Execution.expert_placement``), which balances worse
+when the layers' hot experts differ.
 """
 
 from __future__ import annotations
@@ -94,6 +97,16 @@ class Placement:
   @property
   def n_slots(self) -> int:
     return self.slot_to_expert.shape[1]
+
+  @property
+  def n_layers(self) -> int:
+    return self.slot_to_expert.shape[0]
+
+  def rows(self, start: int, stop: int) -> "Placement":
+    """The placement of layers [start, stop) (e.g. a model's MoE stack, then its MTP modules,
+    from the ``moe_load`` rows)."""
+    return Placement(self.slot_to_expert[start:stop], self.expert_slots[start:stop],
+                     self.replicas[start:stop], self.n_shards)
 
   def slot_shards(self) -> np.ndarray:
     """[P] the shard of each physical slot."""
@@ -200,10 +213,10 @@ def rebalance_experts(load: np.ndarray, n_slots: int, n_groups: int, n_nodes: in
 
 def shared_placement(load: np.ndarray, n_slots: int, n_groups: int, n_nodes: int,
                      n_shards: int) -> Placement:
-  """One placement for every layer (the model's scanned MoE stack runs one static table,
-  ``ExpertPlacement.from_eplb(shared, 0)``): ``rebalance_experts`` on the load summed over
-  layers, repeated L times so ``shard_loads`` / ``imbalance`` score it per layer. Raises
-  ValueError as ``rebalance_experts`` does."""
+  """One placement for every layer (one static table for the whole scanned MoE stack,
+  ``ExpertPlacement.from_eplb(shared, 0)``, or installed per layer): ``rebalance_experts`` on
+  the load summed over layers, repeated L times so ``shard_loads`` / ``imbalance`` score it per
+  layer. Raises ValueError as ``rebalance_experts`` does."""
   load = np.asarray(load, np.float64)
   if load.ndim != 2:
     raise ValueError(f"expert load must be [layers, experts], got shape {load.shape}")

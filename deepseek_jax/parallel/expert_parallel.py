@@ -7,7 +7,9 @@ experts, EPLB), El = E' / P slots per shard.
 
 How it works (every shard runs the same code):
   0. Place. ``ExpertPlacement`` maps each top-k choice (t, k) to a physical slot: its expert's
-     slot, or with redundant experts one of its replicas, round robin (``_choose_slots``).
+     slot, or with redundant experts one of its replicas, round robin (``_choose_slots``). A
+     scanned stack of layers, each with its own table (``stack_tables``), passes the table as
+     traced arrays (``SlotTable``) and the facts all layers share as a static ``TableLayout``.
   1. Plan. Token t needs shard p = slot // El for each of its K experts, but is sent *once per
      shard* (DeepEP's de-duplication): a token whose experts sit on m shards becomes m rows.
      Group-limited routing bounds m (``max_shards_per_token``): with V2 device-limited routing
@@ -39,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -229,30 +231,154 @@ class ExpertPlacement:
       out[expert // per_group].add(int(shards[slot]))
     return out
 
+  def group_span(self, n_shards: int, n_groups: int) -> int:
+    """The most expert shards the slots of one of ``n_groups`` equal expert groups span."""
+    return max(len(s) for s in self.group_shards(n_shards, n_groups))
+
+  def groups_per_shard(self, n_shards: int, n_groups: int) -> int:
+    """The most of ``n_groups`` equal expert groups with a slot on one expert shard."""
+    per_shard = self.n_slots // n_shards
+    group = self.expert_of_slot() // (self.n_experts // n_groups)
+    return max(len(set(group[i * per_shard:(i + 1) * per_shard].tolist()))
+               for i in range(n_shards))
+
+  def slot_table(self, max_replicas: Optional[int] = None) -> "SlotTable":
+    """This table as int32 arrays, ``expert_slots`` padded to ``max_replicas`` columns
+    (default: this table's most replicas) with each expert's first slot."""
+    slots = self.expert_slots()
+    pad = (max_replicas or slots.shape[1]) - slots.shape[1]
+    if pad < 0:
+      raise ValueError(f"an expert has {slots.shape[1]} replicas, more than max_replicas="
+                       f"{max_replicas}")
+    slots = np.concatenate([slots, np.repeat(slots[:, :1], pad, 1)], 1)
+    return SlotTable(self.expert_of_slot().astype(np.int32), slots.astype(np.int32),
+                     self.replicas().astype(np.int32))
+
   def check(self, n_experts: int, n_shards: int, what: str = "the expert placement") -> None:
     """Raises ValueError (one line) unless this table fits a layer of ``n_experts`` experts
     split over ``n_shards`` expert shards."""
-    if self.n_experts != n_experts:
-      raise ValueError(f"{what} covers {self.n_experts} experts, the layer has {n_experts}")
-    if self.n_slots % n_shards and not self.is_redundant:
-      raise ValueError(f"n_routed_experts={n_experts} must be divisible by the mesh's expert "
-                       f"axis ({n_shards}); change mesh.expert or the number of experts")
-    if self.n_slots % n_shards:
-      raise ValueError(f"{what} has {self.n_slots} slots, not divisible by the mesh's expert "
-                       f"axis ({n_shards}); use a multiple of it")
-    if self.n_shards is not None and self.n_shards != n_shards:
-      raise ValueError(f"{what} was balanced for {self.n_shards} expert shards, the mesh's "
-                       f"expert axis has {n_shards}; rebalance for {n_shards}")
+    _check_table(self.n_experts, self.n_slots, self.n_shards, self.is_redundant, n_experts,
+                 n_shards, what)
+
+
+def _check_table(table_experts: int, n_slots: int, balanced_for: Optional[int],
+                 redundant: bool, n_experts: int, n_shards: int, what: str) -> None:
+  if table_experts != n_experts:
+    raise ValueError(f"{what} covers {table_experts} experts, the layer has {n_experts}")
+  if n_slots % n_shards and not redundant:
+    raise ValueError(f"n_routed_experts={n_experts} must be divisible by the mesh's expert "
+                     f"axis ({n_shards}); change mesh.expert or the number of experts")
+  if n_slots % n_shards:
+    raise ValueError(f"{what} has {n_slots} slots, not divisible by the mesh's expert "
+                     f"axis ({n_shards}); use a multiple of it")
+  if balanced_for is not None and balanced_for != n_shards:
+    raise ValueError(f"{what} was balanced for {balanced_for} expert shards, the mesh's "
+                     f"expert axis has {n_shards}; rebalance for {n_shards}")
+
+
+class SlotTable(NamedTuple):
+  """An expert placement as int32 arrays (``ExpertPlacement.slot_table``): NumPy for one
+  static table; traced for a layer's row of per-layer tables (``stack_tables``), which carry a
+  leading [L] axis until the layer scan slices it."""
+
+  slot_experts: Any  # [E'] the logical expert held by each slot
+  expert_slots: Any  # [E, R] each expert's slots, padded with its first slot
+  replicas: Any  # [E] each expert's slot count (>= 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TableLayout:
+  """The static half of per-layer expert placements (``stack_tables``): what the tables of
+  every layer of a scanned MoE stack share, so one traced layer serves them all. The tables
+  themselves travel as traced ``SlotTable`` rows.
+
+  n_experts E; n_slots E' (the same in every layer, as EPLB gives); max_replicas R (the most
+  copies of any expert in any layer); n_shards (the expert-axis size they were balanced for);
+  n_groups G (the routing's expert groups) with max_group_span (the most expert shards one
+  group's slots span, any layer: it bounds the shards a token reaches, taken as the max over
+  layers) and max_groups_per_shard (the most groups with a slot on one shard, any layer).
+  It answers ``check``, ``group_span`` and ``groups_per_shard`` as ``ExpertPlacement`` does.
+  """
+
+  n_experts: int
+  n_slots: int
+  max_replicas: int
+  n_shards: int
+  n_groups: int
+  max_group_span: int
+  max_groups_per_shard: int
+
+  is_identity = False  # tables are always read (and the weights gathered to slot order)
+
+  @property
+  def is_redundant(self) -> bool:
+    return self.n_slots > self.n_experts
+
+  def _same_groups(self, n_groups: int) -> None:
+    if n_groups != self.n_groups:
+      raise ValueError(f"the per-layer expert tables were laid out for {self.n_groups} expert "
+                       f"groups, the layer routes over {n_groups}; install them again")
+
+  def group_span(self, n_shards: int, n_groups: int) -> int:
+    """``max_group_span`` (for the tables' ``n_shards``, which ``check`` enforces)."""
+    self._same_groups(n_groups)
+    return self.max_group_span
+
+  def groups_per_shard(self, n_shards: int, n_groups: int) -> int:
+    self._same_groups(n_groups)
+    return self.max_groups_per_shard
+
+  def check(self, n_experts: int, n_shards: int,
+            what: str = "the per-layer expert placement") -> None:
+    """Raises ValueError (one line) as ``ExpertPlacement.check`` does."""
+    _check_table(self.n_experts, self.n_slots, self.n_shards, self.is_redundant, n_experts,
+                 n_shards, what)
+
+
+def stack_tables(placements: Sequence[ExpertPlacement], n_groups: int,
+                 n_shards: Optional[int] = None) -> tuple[TableLayout, SlotTable]:
+  """The per-layer tables of a stack of L layers, one ``ExpertPlacement`` each: their shared
+  ``TableLayout`` and a ``SlotTable`` of int32 NumPy arrays with a leading [L] axis
+  (``expert_slots`` padded to the most replicas of any layer). ``n_shards`` defaults to the
+  shard count the placements were balanced for. Raises ValueError (one line) for no
+  placements, layers with different expert or slot counts or balanced for different shard
+  counts, no shard count, or slots the shards do not divide."""
+  if not placements:
+    raise ValueError("stack_tables needs one placement per layer, got none")
+  first = placements[0]
+  for layer, p in enumerate(placements):
+    if (p.n_experts, p.n_slots) != (first.n_experts, first.n_slots):
+      raise ValueError(f"layer {layer}'s placement has {p.n_slots} slots for {p.n_experts} "
+                       f"experts, layer 0's {first.n_slots} for {first.n_experts}; a scanned "
+                       "stack needs the same counts in every layer")
+  balanced = {p.n_shards for p in placements} - {None}
+  if len(balanced) > 1:
+    raise ValueError(f"the layers' placements were balanced for different shard counts "
+                     f"{sorted(balanced)}")
+  n_shards = n_shards or (balanced.pop() if balanced else None)
+  if n_shards is None:
+    raise ValueError("stack_tables needs the expert shard count (n_shards)")
+  for p in placements:
+    p.check(first.n_experts, n_shards, "a layer's expert placement")
+  max_replicas = max(int(p.replicas().max()) for p in placements)
+  rows = [p.slot_table(max_replicas) for p in placements]
+  layout = TableLayout(
+      first.n_experts, first.n_slots, max_replicas, n_shards, n_groups,
+      max(p.group_span(n_shards, n_groups) for p in placements),
+      max(p.groups_per_shard(n_shards, n_groups) for p in placements))
+  return layout, SlotTable(*(np.stack(column) for column in zip(*rows)))
 
 
 def max_shards_per_token(n_experts: int, n_shards: int, n_groups: int, n_limited_groups: int,
-                         top_k: int, placement: Optional[ExpertPlacement] = None) -> int:
+                         top_k: int,
+                         placement: Optional[Union[ExpertPlacement, TableLayout]] = None
+                         ) -> int:
   """Most shards one token can be sent to: K, P, and the group limit M times the shards one
   group spans (1 when a shard holds whole groups, as V2's devices; P/G for V3's nodes). With
-  redundant experts a group spans every shard holding a replica of one of its experts."""
+  redundant experts a group spans every shard holding a replica of one of its experts; with
+  per-layer tables (``TableLayout``), the widest span of any layer."""
   placement = placement or ExpertPlacement.identity(n_experts)
-  span = max(len(s) for s in placement.group_shards(n_shards, n_groups))
-  return min(top_k, n_shards, n_limited_groups * span)
+  return min(top_k, n_shards, n_limited_groups * placement.group_span(n_shards, n_groups))
 
 
 class BufferSizes(NamedTuple):
@@ -417,33 +543,39 @@ class _Exchange:
 LocalFn = Callable[..., tuple]
 
 
-def _choose_slots(experts: jax.Array, placement: ExpertPlacement,
+def _choose_slots(experts: jax.Array, placement: ExpertPlacement, table: Optional[SlotTable],
                   batch_axes: Sequence[str]) -> jax.Array:
   """[T, K] int32: the physical slot serving each top-k choice. One replica per expert: its
   slot. Redundant experts: replica (rank + j) mod R_e of expert e, rank = the choice's position
   among this shard's assignments of e (token order), j = this shard's index along
-  ``batch_axes``: round robin, so the replicas split e's load evenly."""
-  if not placement.is_redundant:
+  ``batch_axes``: round robin, so the replicas split e's load evenly. A traced ``table`` (one
+  layer's row of per-layer tables) always takes the round-robin path (R_e = 1 picks the one)."""
+  if table is None and not placement.is_redundant:
     return jnp.asarray(placement.slot_of_expert, jnp.int32)[experts]
+  if table is None:
+    table = placement.slot_table()
   flat = experts.reshape(-1)
   order = jnp.argsort(flat, stable=True)
   by_expert = flat[order]
   rank_sorted = jnp.arange(flat.shape[0]) - jnp.searchsorted(by_expert, by_expert, side="left")
   rank = rank_sorted[jnp.argsort(order)].reshape(experts.shape)  # no scatter (XLA:CPU loops)
   shard = jax.lax.axis_index(tuple(batch_axes)) if batch_axes else 0
-  replicas = jnp.asarray(placement.replicas(), jnp.int32)[experts]
+  replicas = jnp.asarray(table.replicas, jnp.int32)[experts]
   replica = (rank + shard) % replicas
-  return jnp.asarray(placement.expert_slots(), jnp.int32)[experts, replica]
+  return jnp.asarray(table.expert_slots, jnp.int32)[experts, replica]
 
 
-def _shard_body(x, experts, slot_values, expert_params, shard_args, *, local_fn, max_shards,
-                buffer_factor, exchange, tensor_split, reduce_axes, placement: ExpertPlacement):
-  """One shard: plan, dispatch, ``local_fn``, combine. Returns (y [T, D], counters)."""
+def _shard_body(x, experts, slot_values, expert_params, shard_args, table_args, *, local_fn,
+                max_shards, buffer_factor, exchange, tensor_split, reduce_axes, placement):
+  """One shard: plan, dispatch, ``local_fn``, combine. Returns (y [T, D], counters).
+  ``table_args``: a traced ``SlotTable``'s arrays (per-layer tables), or () for the static
+  ``placement``."""
   t, k = experts.shape
   p = jax.lax.axis_size(EXPERT_AXIS)
   per_shard = placement.n_slots // p
   sizes = buffer_sizes(t, p, max_shards, buffer_factor, exchange)
-  slot = _choose_slots(experts, placement, reduce_axes)  # the table, nothing else
+  table = SlotTable(*table_args) if table_args else None
+  slot = _choose_slots(experts, placement, table, reduce_axes)  # the table, nothing else
   dest, local_slot = slot // per_shard, slot % per_shard
   plan = _plan(dest, sizes, exchange, EXPERT_AXIS)
   move = _Exchange(plan, sizes, exchange, EXPERT_AXIS)
@@ -466,8 +598,9 @@ def _shard_body(x, experts, slot_values, expert_params, shard_args, *, local_fn,
   if buffer_factor is not None:
     max_slots = min(max_slots, math.ceil(buffer_factor * t * k))
   index = jax.lax.axis_index(EXPERT_AXIS)
-  experts_here = jax.lax.dynamic_slice_in_dim(
-      jnp.asarray(placement.expert_of_slot(), jnp.int32), index * per_shard, per_shard)
+  expert_of_slot = placement.expert_of_slot() if table is None else table.slot_experts
+  experts_here = jax.lax.dynamic_slice_in_dim(jnp.asarray(expert_of_slot, jnp.int32),
+                                              index * per_shard, per_shard)
   context = ShardContext(index, p, EXPERT_AXIS, t, max_slots, experts_here)
   y_recv, counters = local_fn(x_recv, ids_recv, values_recv, expert_params, shard_args, context)
   if tensor_split:
@@ -493,7 +626,8 @@ def expert_parallel(local_fn: LocalFn, x: jax.Array, experts: jax.Array,
                     hidden_dims: Sequence[int], shard_args: Sequence[jax.Array] = (), *,
                     max_shards: int, buffer_factor: Optional[float] = None,
                     exchange: str = "auto", check_vma: bool = True,
-                    placement: Optional[ExpertPlacement] = None):
+                    placement: Optional[Union[ExpertPlacement, TableLayout]] = None,
+                    table: Optional[SlotTable] = None):
   """Run routed experts expert-parallel over the context mesh's expert axis.
 
   x [N, D] tokens and experts / slot_values [N, K] are split over the batch axes like the batch
@@ -507,11 +641,15 @@ def expert_parallel(local_fn: LocalFn, x: jax.Array, experts: jax.Array,
   holds (``ExpertPlacement``; E' > E with redundant experts); a non-identity table gathers the
   logical [E, ...] weights into slot order [E', ...] first, so their gradients stay [E, ...].
   ``max_shards`` must bound the shards a token reaches under that table
-  (``max_shards_per_token(..., placement)``).
+  (``max_shards_per_token(..., placement)``). Per-layer tables (a scanned stack, each layer its
+  own table: ``stack_tables``) pass ``placement`` = their ``TableLayout`` and ``table`` = this
+  layer's row as traced int32 arrays (slot_experts [E'], expert_slots [E, R], replicas [E]);
+  the weights are then always gathered to slot order, by the traced ``slot_experts``.
 
   Raises ValueError without a context mesh whose expert axis is > 1, when the experts (or the
-  placement's slots) do not divide over it, or for a placement of another expert count or
-  balanced for another expert-axis size.
+  placement's slots) do not divide over it, for a placement of another expert count or
+  balanced for another expert-axis size, and for a ``TableLayout`` without its ``table`` (or
+  the reverse) or a table of other shapes than its layout's.
   """
   mesh = expert_mesh()
   if mesh is None:
@@ -526,8 +664,20 @@ def expert_parallel(local_fn: LocalFn, x: jax.Array, experts: jax.Array,
   p = mesh.shape[EXPERT_AXIS]
   placement = placement or ExpertPlacement.identity(n_experts)
   placement.check(n_experts, p)
-  if not placement.is_identity:  # logical [E, ...] -> slot order [E', ...]; grads sum back
+  if isinstance(placement, TableLayout) != (table is not None):
+    raise ValueError("per-layer expert tables need both their TableLayout (placement=) and "
+                     "this layer's traced SlotTable (table=)")
+  if table is not None:
+    table = SlotTable(*(jnp.asarray(a, jnp.int32) for a in table))
+    want = SlotTable((placement.n_slots,), (n_experts, placement.max_replicas), (n_experts,))
+    if tuple(a.shape for a in table) != tuple(want):
+      raise ValueError(f"the expert table's shapes {[a.shape for a in table]} are not its "
+                       f"layout's {list(want)} (a stacked [L, ...] table outside the scan?)")
+    expert_of_slot = table.slot_experts
+  elif not placement.is_identity:
     expert_of_slot = jnp.asarray(placement.expert_of_slot())
+  if table is not None or not placement.is_identity:
+    # logical [E, ...] -> slot order [E', ...]; the replicas' gradients sum back
     expert_params = [w[expert_of_slot] for w in expert_params]
   tensor = mesh.shape.get(TENSOR_AXIS, 1)
   tensor_split = tensor > 1 and all(w.shape[d] % tensor == 0
@@ -541,6 +691,7 @@ def expert_parallel(local_fn: LocalFn, x: jax.Array, experts: jax.Array,
 
   batch = PartitionSpec(BATCH_AXES)
   reduce_axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+  table_args = () if table is None else tuple(table)  # replicated on every shard
   body = jax.shard_map(
       lambda *a: _shard_body(*a, local_fn=local_fn, max_shards=max_shards,
                              buffer_factor=buffer_factor, exchange=resolve_exchange(exchange),
@@ -548,9 +699,10 @@ def expert_parallel(local_fn: LocalFn, x: jax.Array, experts: jax.Array,
                              placement=placement),
       in_specs=(batch, batch, [batch] * len(slot_values),
                 [param_spec(w, d) for w, d in zip(expert_params, hidden_dims)],
-                [batch] * len(shard_args)),
+                [batch] * len(shard_args), [PartitionSpec()] * len(table_args)),
       out_specs=(batch, PartitionSpec()), check_vma=check_vma)
-  return body(x, experts, list(slot_values), list(expert_params), list(shard_args))
+  return body(x, experts, list(slot_values), list(expert_params), list(shard_args),
+              list(table_args))
 
 
 def splits_batch(n_tokens: int) -> bool:

@@ -41,6 +41,14 @@ RULE_SETS: dict[str, Rules] = {
     # ZeRO-3 style: d_model split over fsdp, experts over expert, heads / FFN over tensor.
     "fsdp": {**_SHARED, "embed": "fsdp", "vocab": "tensor", "heads": "tensor",
              "kv_heads": "tensor", "mlp": "tensor", "expert": "expert", "expert_mlp": "tensor"},
+    # fsdp, and the MLA up-projections (wq_b, w_uk, w_uv: no d_model dim) split over fsdp along
+    # their latent dim; at V3's size they are 12 GiB per chip in f32 when left whole (the
+    # recommended TPU rules, docs/tpu_pods.md). Not expressible as Flax logical-axis rules
+    # (``axis_rules``): wq_a / wkv_a carry d_model and a latent dim, and ``logical_to_spec``
+    # gives fsdp to the first of them only.
+    "fsdp_latent": {**_SHARED, "embed": "fsdp", "vocab": "tensor", "heads": "tensor",
+                    "kv_heads": "tensor", "mlp": "tensor", "expert": "expert",
+                    "expert_mlp": "tensor", "q_lora": "fsdp", "kv_lora": "fsdp"},
     # No weight sharding on d_model: tensor + expert parallelism only (Megatron-like).
     "tensor": {**_SHARED, "embed": None, "vocab": "tensor", "heads": "tensor",
                "kv_heads": "tensor", "mlp": "tensor", "expert": "expert", "expert_mlp": "tensor"},

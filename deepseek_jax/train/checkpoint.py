@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from deepseek_jax.cli import RunError
+from deepseek_jax.cli import RunError, resolve_path
 from deepseek_jax.interop import integrity
 from deepseek_jax.interop.orbax_params import from_nested, to_nested
 
@@ -65,7 +65,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True,
                create: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = resolve_path(directory)
     self.keep = keep
     options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=None,
                                            enable_async_checkpointing=async_save, create=create,

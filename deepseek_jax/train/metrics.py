@@ -22,6 +22,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
+
+from deepseek_jax.cli import is_remote
 
 PEAK_FLOPS = {  # dense bf16 FLOP/s per device, by substring of jax's device_kind
     "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "B200": 2250e12,
@@ -163,9 +166,11 @@ class MetricsLogger:
     self.paused_seconds = 0.0  # of the current window
     self.compile_seconds = None  # reported once, by the first record after ``compiled``
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self.remote = is_remote(workdir)  # gs://: epath, and the file rewritten (no append there)
+    self._lines: list[str] = []  # remote: the file's lines
     self.writer = None
     if self.main:
-      os.makedirs(workdir, exist_ok=True)
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
       self._truncate_after(resume_step)
       if tensorboard:
         from tensorboardX import SummaryWriter
@@ -193,16 +198,20 @@ class MetricsLogger:
   def _truncate_after(self, step: int) -> None:
     """A resumed run rewrites the steps after its checkpoint: drop their old records. A line
     cut short by a killed process is dropped too; the file is replaced atomically."""
-    if not os.path.exists(self.path):
+    path = epath.Path(self.path)
+    if not path.exists():
       return
     keep = []
-    with open(self.path) as f:
-      for line in f:
-        try:
-          if json.loads(line).get("step", 0) <= step:
-            keep.append(line if line.endswith("\n") else line + "\n")
-        except ValueError:
-          continue
+    for line in path.read_text().splitlines(keepends=True):
+      try:
+        if json.loads(line).get("step", 0) <= step:
+          keep.append(line if line.endswith("\n") else line + "\n")
+      except ValueError:
+        continue
+    if self.remote:  # an object is written whole, so replacing it is already atomic
+      self._lines = keep
+      path.write_text("".join(keep))
+      return
     tmp = self.path + ".tmp"
     with open(tmp, "w") as f:
       f.writelines(keep)
@@ -247,8 +256,13 @@ class MetricsLogger:
 
   def _write(self, record: dict, extra_scalars: dict | None = None) -> None:
     """Append ``record`` to metrics.jsonl; its scalars (and ``extra_scalars``) to TensorBoard."""
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    if self.remote:
+      self._lines.append(line)
+      epath.Path(self.path).write_text("".join(self._lines))
+    else:
+      with open(self.path, "a") as f:
+        f.write(line)
     if self.writer is not None:
       for key, value in {**record, **(extra_scalars or {})}.items():
         if key != "step" and np.ndim(value) == 0:

@@ -26,6 +26,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -198,8 +199,7 @@ def restore_or_init(setup: Setup, ckpt: Checkpointer, data_iter, step: Optional[
   start = choice.step or 0
   newer = sorted(s for s in step_directories(ckpt.directory) if s > start or
                  (step == 0 and s == 0))
-  if choice.step is not None and not os.path.isdir(os.path.join(ckpt.directory, str(start),
-                                                                "data")):
+  if choice.step is not None and not epath.Path(ckpt.directory, str(start), "data").is_dir():
     raise ValueError(
         f"{ckpt.directory}/{start} holds weights only (a parameters checkpoint: no optimizer "
         "state or data position), so a run cannot resume it; to fine-tune from it, use a new "
@@ -561,7 +561,7 @@ def _inference_setup(config, workdir: str) -> Setup:
 def _inference_weights(setup: Setup, workdir: str, step: Optional[int]):
   """(graphdef, TrainState with params and model state, step) of the chosen checkpoint."""
   root = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(root):
+  if not epath.Path(root).is_dir():
     raise FileNotFoundError(f"no checkpoints in {workdir}; train first with --workdir={workdir}")
   step = integrity.choose_step(root, step, report=say).step
   if step is None:

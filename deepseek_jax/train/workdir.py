@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Callable, Optional
 
-from deepseek_jax.cli import RunError
+from deepseek_jax.cli import RunError, is_remote, resolve_path
 
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
@@ -28,16 +28,12 @@ class WorkdirLocked(RunError):
   """Another live run holds the workdir."""
 
 
-def _is_remote(path: str) -> bool:
-  return "://" in path
-
-
 def check_workdir(workdir: str, *, must_exist: bool = False) -> None:
   """Raise ValueError (or FileNotFoundError when ``must_exist``) for a workdir that cannot
   work, naming it and the fix, before anything is created. Remote paths (``gs://``) pass."""
   if not workdir or not workdir.strip():
     raise ValueError("--workdir is empty; give the folder for checkpoints and metrics")
-  if _is_remote(workdir):
+  if is_remote(workdir):
     return
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):
@@ -110,7 +106,7 @@ class WorkdirLock:
   receives the one line said when a stale lock is taken over."""
 
   def __init__(self, workdir: str, report: Callable[[str], None] = print):
-    self.path = os.path.join(os.path.abspath(workdir), "LOCK")
+    self.path = os.path.join(resolve_path(workdir), "LOCK")
     self.report = report
     self._stop = threading.Event()
     self._thread: Optional[threading.Thread] = None
@@ -141,7 +137,7 @@ class WorkdirLock:
     return None
 
   def acquire(self) -> None:
-    if _is_remote(self.path):
+    if is_remote(self.path):
       return  # no atomic create-if-absent on object stores: one writer is the user's to ensure
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     record = {"pid": os.getpid(), "host": socket.gethostname(),

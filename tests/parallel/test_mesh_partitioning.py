@@ -64,8 +64,13 @@ def test_every_parameter_of_the_model_gets_a_sharding(rules):
   assert len(leaves) == len(jax.tree.leaves(state))
   experts = shardings["moe_layers"]["ffn"]["w_gate"].get_value().spec
   # stacked layers lead, then experts / d_model / expert hidden
-  assert experts == (P(None, "expert", "fsdp", None) if rules == "fsdp" else
+  assert experts == (P(None, "expert", "fsdp", None) if rules.startswith("fsdp") else
                      P(None, "expert", None, None) if rules == "tensor" else P(None, None, None, None))
+  if rules == "fsdp_latent":  # the MLA up-projections split along their latent dim
+    layer = shardings["moe_layers"]["attention"]
+    assert layer["w_uk"].get_value().spec == P(None, "fsdp", None, None)
+    assert layer["query"]["wq_b"].get_value().spec == P(None, "fsdp", None, None)
+    assert layer["wkv_a"].get_value().spec == P(None, "fsdp", None)  # d_model took fsdp
 
 
 def test_params_carry_flax_sharding_metadata_that_get_partition_spec_reads():

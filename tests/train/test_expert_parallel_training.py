@@ -24,7 +24,8 @@ def test_small_ep4_config_trains_expert_parallel_through_the_entry_point(tmp_pat
          "--config.train.eval_batches=1", "--config.sample.max_new_tokens=4"]
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "mesh {'data': 1, 'fsdp': 2, 'expert': 4, 'tensor': 1} over 8 cpu device(s)" in proc.stdout
+  assert ("mesh {'stage': 1, 'data': 1, 'fsdp': 2, 'expert': 4, 'tensor': 1} over 8 cpu "
+          "device(s)") in proc.stdout
   assert "EP rows/tok" in proc.stdout and "OVERFLOW" not in proc.stdout
   with open(tmp_path / "metrics.jsonl") as f:
     records = [json.loads(line) for line in f]
