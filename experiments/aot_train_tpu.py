@@ -259,7 +259,7 @@ def main(argv):
     a = analyse(loss.schedule)
     print(f"pipeline {a.name} over {a.n_stages} stages, {loss.schedule.n_micro} micro-batches: "
           f"{a.activations} micro-batches in flight per rank ({a.activations_formula}), "
-          f"{a.parameter_copies} parameter copies")
+          f"{a.parameter_copies} parameter cop{'ies' if a.parameter_copies > 1 else 'y'}")
     record.update(schedule=a.name, micro_batches=loss.schedule.n_micro)
   compiled, seconds = compile_step(cfg, mesh, rules, tx, execution, batch=batch,
                                    seq_len=_SEQ.value, grad_accum=_ACCUM.value, loss=loss)

@@ -54,6 +54,13 @@ def report() -> None:
   load = read_load(_WORKDIR.value, _RECORDS.value)
   layers, experts = load.shape
   slots = experts + _REDUNDANT.value
+  if _SHARDS.value < 1 or experts % _SHARDS.value:
+    raise ValueError(f"--shards={_SHARDS.value} must be a positive divisor of the run's "
+                     f"{experts} experts (the static placement splits them evenly)")
+  if _REDUNDANT.value < 0 or slots % _SHARDS.value:
+    raise ValueError(f"--redundant={_REDUNDANT.value}: the {experts} + {_REDUNDANT.value} slots "
+                     f"must split evenly over --shards={_SHARDS.value}; use a multiple of "
+                     f"{_SHARDS.value}")
   placement = eplb.rebalance_experts(load, slots, _GROUPS.value, _NODES.value, _SHARDS.value)
   static = eplb.static_placement(layers, experts, _SHARDS.value)
   shared = eplb.shared_placement(load, slots, _GROUPS.value, _NODES.value, _SHARDS.value)

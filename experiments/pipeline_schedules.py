@@ -25,13 +25,36 @@ _BATCH = flags.DEFINE_integer("batch", 16, "sequences per step for --measure")
 _SEQ = flags.DEFINE_integer("seq_len", 64, "tokens per sequence for --measure")
 
 
+def _flag_names(message: str) -> str:
+  """A schedule's error in this script's flags."""
+  return (message.replace("config.mesh.stage", "--stages")
+          .replace("config.pipeline.micro_batches", "--micro_batches"))
+
+
+def _schedules(stages: int, micro: int) -> dict:
+  """{name: Schedule or the reason it cannot run}; ValueError when none can."""
+  from deepseek_jax.parallel.pipeline import SCHEDULES, Schedule
+  out = {}
+  for name in SCHEDULES:
+    try:
+      out[name] = Schedule(name, stages, micro)
+    except ValueError as e:
+      out[name] = _flag_names(str(e))
+  if all(isinstance(s, str) for s in out.values()):
+    raise ValueError(out[SCHEDULES[0]])
+  return out
+
+
 def _table(stages: int, micro: int) -> list[str]:
-  from deepseek_jax.parallel.pipeline import SCHEDULES, Schedule, analyse
-  rows = ["| schedule | bubble formula | bubble (F=1, B=2, W=1) | ticks | idle share | "
+  from deepseek_jax.parallel.pipeline import analyse
+  rows = ["| schedule | bubble formula | bubble (F=1, B=2, W=1) | ticks | idle F/B slots | "
           "in flight per rank | formula | stash slots | parameter copies |",
           "|---|---|---|---|---|---|---|---|---|"]
-  for name in SCHEDULES:
-    a = analyse(Schedule(name, stages, micro))
+  for name, schedule in _schedules(stages, micro).items():
+    if isinstance(schedule, str):
+      rows.append(f"| {name} | not possible here: {schedule} |")
+      continue
+    a = analyse(schedule)
     rows.append(f"| {name} | {a.bubble_formula} | {a.bubble:g} | {a.ticks} | {1 - a.busy:.0%} | "
                 f"{a.activations} | {a.activations_formula} | {a.stash_slots} | "
                 f"{a.parameter_copies} |")
@@ -43,13 +66,14 @@ def _plot(stages: int, micro: int, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import numpy as np
-  from deepseek_jax.parallel.pipeline import SCHEDULES, Schedule, timetable
-  fig, axes = plt.subplots(len(SCHEDULES), 1, figsize=(11, 1.1 + 0.75 * stages * 3),
-                           sharex=True)
+  from deepseek_jax.parallel.pipeline import timetable
+  schedules = {n: s for n, s in _schedules(stages, micro).items() if not isinstance(s, str)}
+  fig, axes = plt.subplots(len(schedules), 1, figsize=(11, 1.1 + 0.75 * stages * 3),
+                           sharex=True, squeeze=False)
   cmap = plt.get_cmap("tab20")
-  width = max(timetable(Schedule(n, stages, micro)).n_ticks for n in SCHEDULES)
-  for ax, name in zip(axes, SCHEDULES):
-    t = timetable(Schedule(name, stages, micro))
+  width = max(timetable(s).n_ticks for s in schedules.values())
+  for ax, (name, schedule) in zip(axes[:, 0], schedules.items()):
+    t = timetable(schedule)
     for r in range(stages):
       for k in range(t.n_ticks):
         for half, (table, hatch) in enumerate(((t.forward, ""), (t.backward, "//"))):
@@ -65,7 +89,7 @@ def _plot(stages: int, micro: int, path: str) -> None:
     ax.set_yticks(np.arange(stages) + 0.5, [f"rank {r}" for r in range(stages)])
     ax.set_title(f"{name}: {t.n_ticks} ticks, {1 - t.busy():.0%} of F/B slots idle "
                  f"(per rank: top row F, bottom row B; numbers are micro-batches)", fontsize=9)
-  axes[-1].set_xlabel("tick")
+  axes[-1, 0].set_xlabel("tick")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -79,7 +103,6 @@ def _measure(stages: int, micro: int) -> list[str]:
   from deepseek_jax.model.execution import resolve_execution
   from deepseek_jax.model.transformer import abstract_model
   from deepseek_jax.parallel.mesh import make_mesh
-  from deepseek_jax.parallel.pipeline import SCHEDULES, Schedule
   from deepseek_jax.train.loss import PretrainLoss
   from deepseek_jax.train.pipeline import PipelinedPretrainLoss
   base = ModelConfig.preset(_PRESET.value)
@@ -92,8 +115,9 @@ def _measure(stages: int, micro: int) -> list[str]:
            "targets": jax.ShapeDtypeStruct((b, t), jnp.int32),
            "mask": jax.ShapeDtypeStruct((b, t), jnp.float32)}
   losses = {"PretrainLoss, no schedule (XLA splits the layers)": PretrainLoss(cfg.n_mtp_modules)}
-  for name in SCHEDULES:
-    losses[name] = PipelinedPretrainLoss(cfg.n_mtp_modules, Schedule(name, stages, micro))
+  for name, schedule in _schedules(stages, micro).items():
+    if not isinstance(schedule, str):
+      losses[name] = PipelinedPretrainLoss(cfg.n_mtp_modules, schedule)
   rows = [f"compiled memory per device, {cfg.name} with {cfg.n_moe_layers} MoE layers, batch "
           f"{b} x {t}, mesh {dict(mesh.shape)} (XLA:CPU):",
           "| schedule | temp MiB | arguments MiB | output MiB |", "|---|---|---|---|"]
@@ -112,7 +136,13 @@ def _measure(stages: int, micro: int) -> list[str]:
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  from deepseek_jax import cli
+  cli.run_cli(report)
+
+
+def report() -> None:
   stages = _STAGES.value
   micro = _MICRO.value or 2 * stages
   if _MEASURE.value:

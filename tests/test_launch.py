@@ -47,6 +47,13 @@ def test_train_runs_the_trainer_on_every_worker_with_the_bucket_as_workdir():
                    "--config.train.steps=10"]
 
 
+def test_a_bucket_folder_is_kept_and_a_running_trainer_is_not_started_twice():
+  [ssh] = dry_run("train", BUCKET="gs://b/runs/", RUN_NAME="r")
+  remote = option(ssh, "command")
+  assert "--workdir=gs://b/runs/r " in remote
+  assert remote.index("kill -0") < remote.index("nohup")  # the pid file is checked first
+
+
 def test_gs_mode_passes_the_gs_path_as_workdir():
   for flags in (("--workdir_mode=gs",), ()):  # gs is the default
     [ssh] = dry_run(*flags, "--bucket=gs://my-bucket", "train", RUN_NAME="r")
@@ -84,7 +91,10 @@ def test_resume_recreates_a_preempted_slice_then_reruns_the_same_train_command()
 
 def test_bad_settings_fail_before_any_command():
   for args, env in [(("train",), {}), (("--colour=red", "train"), {}),
-                    (("train",), {"BUCKET": "gs://b", "WORKDIR_MODE": "nfs"})]:
+                    (("train",), {"BUCKET": "gs://b", "WORKDIR_MODE": "nfs"}),
+                    (("train",), {"BUCKET": "my-bucket"}),  # not gs://
+                    # resume without a bucket: refused before the slice is deleted or created
+                    (("resume",), {"DRY_RUN_STATE": "PREEMPTED"})]:
     result = subprocess.run(["bash", SCRIPT, *args], env={**os.environ, **env, "DRY_RUN": "1"},
                             capture_output=True, text=True)
     assert result.returncode == 2 and "gcloud" not in result.stdout, (args, result.stdout)

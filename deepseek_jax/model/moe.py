@@ -646,8 +646,9 @@ def set_layer_placement(layer: MoE, placement: Optional[eplb.Placement],
 
   Raises ValueError (one line, before compiling) for a row count other than the layer count, a
   row whose replicas do not add up to its slots, a table of another expert count, slots the
-  mesh's expert axis does not divide, tables balanced for another shard count, and a layer that
-  already has a non-identity ``DispatchSpec.placement``.
+  mesh's expert axis does not divide, tables balanced for another shard count, a layer that
+  already has a non-identity ``DispatchSpec.placement``, and a layer built for local dispatch
+  (which would ignore the tables).
   """
   if placement is None:
     layer.placement_table = None
@@ -659,6 +660,10 @@ def set_layer_placement(layer: MoE, placement: Optional[eplb.Placement],
     raise ValueError(f"the EPLB placement has {rows} layers, the MoE "
                      f"{f'stack has {n_layers}' if stacked else 'layer is one'}; compute it "
                      "from that stack's load rows")
+  if layer.dispatch.mode != "expert_parallel":
+    raise ValueError("the MoE layer runs local dispatch, which has no expert shards and would "
+                     "ignore the placement; build the model for the mesh "
+                     "(create_model(cfg, execution=resolve_execution(cfg, mesh)), mesh.expert > 1)")
   shared = layer.dispatch.placement
   if shared is not None and not shared.is_identity:
     raise ValueError("the MoE layer already has DispatchSpec.placement (one table for every "

@@ -7,7 +7,8 @@
     tensor  tensor parallelism (heads / FFN hidden split)
 
 Sizes come from the experiment config; one size may be -1 and takes what the others leave.
-The batch is split over (data, fsdp, expert) (the stage axis holds layers, not rows); see ``partitioning.RULE_SETS`` for the weights.
+The batch is split over (data, fsdp, expert) (the stage axis holds layers, not rows); see
+``partitioning.RULE_SETS`` for the weights.
 """
 
 from __future__ import annotations

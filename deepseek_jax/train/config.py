@@ -101,8 +101,8 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict(dict(stage=1, data=1, fsdp=-1, expert=1, tensor=1))
   # Pipeline parallelism over mesh.stage > 1 (deepseek_jax/parallel/pipeline/): the schedule
-  # (gpipe | 1f1b | dualpipe), micro-batches per step (0: 2 x stages, 4 x for dualpipe), and
-  # optional uneven cuts: MoE layers per pipeline stage (empty: as even as possible).
+  # (gpipe | 1f1b | dualpipe), micro-batches per (grad_accum) micro-batch (0: 2 x stages), and
+  # optional uneven cuts: MoE layers per pipeline stage (empty: even, mesh.stage must divide).
   c.pipeline = ml_collections.ConfigDict()
   c.pipeline.schedule = "1f1b"
   c.pipeline.micro_batches = 0
@@ -183,10 +183,10 @@ def _fail(field: str, message: str):
 
 
 def validate(config, n_processes: int, batch_shards: int, expert_shards: int = 1,
-             schema=None, free_form=(), stages: int = 1) -> ModelConfig:
+             schema=None, free_form=(), stages: int = 1, fsdp_shards: int = 1) -> ModelConfig:
   """Every check that does not need the model compiled. Returns the ModelConfig.
-  ``batch_shards`` / ``expert_shards`` / ``stages``: how many ways the mesh splits the batch /
-  the experts / the layers (pipeline stages);
+  ``batch_shards`` / ``expert_shards`` / ``stages`` / ``fsdp_shards``: how many ways the mesh
+  splits the batch / the experts / the layers (pipeline stages) / the weights (fsdp);
   ``schema``: the config holding every known field (default ``default_config()``; RL adds its
   sections); ``free_form``: dotted paths whose keys are the user's (RL's reward mapping)."""
   schema = schema if schema is not None else default_config()
@@ -212,7 +212,7 @@ def validate(config, n_processes: int, batch_shards: int, expert_shards: int = 1
     _fail("train.batch_size", f"the micro-batch of {micro} sequences (batch_size / grad_accum) "
           f"must be divisible by the mesh's batch axes data*fsdp*expert={batch_shards} and by the "
           f"{n_processes} process(es); use a multiple of {need}")
-  _check_pipeline(config, model, stages, micro // batch_shards)
+  _check_pipeline(config, model, stages, micro // batch_shards, fsdp_shards)
   if 0 <= config.optimizer.total_steps < t.steps:
     _fail("optimizer.total_steps", f"{config.optimizer.total_steps} < train.steps={t.steps}: the "
           "schedule would end before training does (-1 = train.steps)")
@@ -228,7 +228,8 @@ def validate(config, n_processes: int, batch_shards: int, expert_shards: int = 1
   return model
 
 
-def _check_pipeline(config, model: ModelConfig, stages: int, rows_per_shard: int) -> None:
+def _check_pipeline(config, model: ModelConfig, stages: int, rows_per_shard: int,
+                    fsdp_shards: int) -> None:
   """The pipeline section against the mesh's stage axis (``train.pipeline``)."""
   from deepseek_jax.parallel.pipeline import SCHEDULES, Schedule, stage_layers
   p = config.get("pipeline")
@@ -243,17 +244,18 @@ def _check_pipeline(config, model: ModelConfig, stages: int, rows_per_shard: int
   if not model.n_moe_layers:
     _fail("mesh.stage", "pipeline parallelism cuts the MoE stack into stages and this model has "
           "no MoE layers; use mesh.stage=1")
-  if config.mesh.get("fsdp", 1) != 1:
-    _fail("mesh.fsdp", f"must be 1 with pipeline stages (mesh.stage={stages}): XLA cannot yet "
-          "partition the stages' ZeRO-3 weight gathers inside the pipeline; shard the batch "
-          "with mesh.data instead (V3 trains PP x EP x data parallelism, no ZeRO-3), e.g. --config.mesh.fsdp=1 "
-          "--config.mesh.data=-1")
+  if fsdp_shards != 1:
+    _fail("mesh.fsdp", f"is {fsdp_shards}; it must be 1 with pipeline stages (mesh.stage="
+          f"{stages}): XLA cannot yet partition the stages' ZeRO-3 weight gathers inside the "
+          "pipeline; shard the batch with mesh.data instead (V3 trains PP x EP x data "
+          "parallelism, no ZeRO-3), e.g. --config.mesh.fsdp=1 --config.mesh.data=-1")
   schedule = Schedule(p.schedule, stages, pipeline_micro_batches(config, stages))
   stage_layers(model.n_moe_layers, stages, tuple(p.layers_per_stage))
   if rows_per_shard % schedule.n_micro:
-    _fail("pipeline.micro_batches", f"{schedule.n_micro} pipeline micro-batches must divide each "
-          f"batch shard's {rows_per_shard} sequences per step (train.batch_size / grad_accum / "
-          "the batch axes); change train.batch_size or pipeline.micro_batches")
+    default = " (the default, 2 x mesh.stage)" if not p.micro_batches else ""
+    _fail("pipeline.micro_batches", f"{schedule.n_micro} pipeline micro-batches{default} must "
+          f"divide each batch shard's {rows_per_shard} sequences per step (train.batch_size / "
+          "grad_accum / the batch axes); change train.batch_size or pipeline.micro_batches")
 
 
 def pipeline_micro_batches(config, stages: int) -> int:

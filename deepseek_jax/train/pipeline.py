@@ -20,7 +20,8 @@ the loss is a ``jax.custom_vjp`` whose backward pass returns them; the train ste
 
 Errors (ValueError, before compiling): ``config.mesh.stage`` that does not divide the MoE
 layers when even cuts are asked for; ``config.pipeline.layers_per_stage`` of the wrong length,
-sum or with an empty stage; the schedule's own checks (``Schedule``).
+sum or with an empty stage; micro-batches that do not divide the batch rows; the schedule's own
+checks (``Schedule``).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from deepseek_jax.train.step import split_micro
 @dataclasses.dataclass(frozen=True)
 class StageCut:
   """Static tables of a cut: ``index`` [PP, V, Lc] the MoE layer in each chunk slot (padding
-  repeats the stage's first layer), ``mask`` [PP, Lc] which slots of model stage s are real,
+  repeats the stage's last layer, masked), ``mask`` [PP, Lc] which slots of model stage s are real,
   ``holders`` [L, V] / ``holder_on`` the (rank, chunk, slot) flat indices holding each layer."""
 
   layers: tuple[int, ...]
@@ -112,6 +113,10 @@ class PipelinedPretrainLoss:
                        "and this model has no MoE layers; use mesh.stage=1")
     cut = StageCut(stage_layers(cfg.n_moe_layers, self.schedule.n_stages, self.layers_per_stage),
                    self.schedule.chunks_per_rank)
+    rows, m = batch["inputs"].shape[0], self.schedule.n_micro
+    if rows % m:
+      raise ValueError(f"config.pipeline.micro_batches: {m} pipeline micro-batches do not "
+                       f"divide the {rows} sequences of the (grad_accum) micro-batch")
     lam = jnp.asarray(cfg.mtp_loss_weight if self.mtp_weight is None else self.mtp_weight(step),
                       jnp.float32)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

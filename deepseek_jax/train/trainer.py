@@ -119,7 +119,8 @@ def build_setup(config, schema=None, free_form=()) -> Setup:
                      "--config.cpu_devices=N") from None
   model_cfg = config_lib.validate(config, jax.process_count(), batch_shards(mesh),
                                   mesh.shape["expert"], schema=schema,
-                                  free_form=free_form, stages=mesh.shape["stage"])
+                                  free_form=free_form, stages=mesh.shape["stage"],
+                                  fsdp_shards=mesh.shape["fsdp"])
   rules = get_rules(config.partitioning.rules)
   tokenizer = data_lib.make_tokenizer(config.data)
   if tokenizer.vocab_size > model_cfg.vocab_size:

@@ -33,7 +33,7 @@ WORKER=${WORKER:-0}
 DRY_RUN=${DRY_RUN:-0}
 DRY_RUN_STATE=${DRY_RUN_STATE:-READY}  # the TPU state a dry run of `resume` assumes
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 while [[ $# -gt 0 && $1 == --* ]]; do
   case $1 in
@@ -60,12 +60,16 @@ if [[ -z $RUNTIME_VERSION ]]; then  # the TPU VM image for the generation
     *) RUNTIME_VERSION=tpu-ubuntu2204-base ;;
   esac
 fi
-BUCKET_NAME=${BUCKET#gs://}
-BUCKET_NAME=${BUCKET_NAME%%/*}
+if [[ -n $BUCKET && $BUCKET != gs://?* ]]; then
+  echo "BUCKET must be gs://<bucket>[/<folder>], got $BUCKET" >&2; exit 2
+fi
+BUCKET_PATH=${BUCKET#gs://}
+BUCKET_PATH=${BUCKET_PATH%/}  # <bucket>[/<folder>]: runs go in <folder>/<RUN_NAME>
+BUCKET_NAME=${BUCKET_PATH%%/*}
 MOUNT=/gcs/$BUCKET_NAME
 case $WORKDIR_MODE in
-  gcsfuse) WORKDIR=$MOUNT/$RUN_NAME ;;
-  gs) WORKDIR=gs://$BUCKET_NAME/$RUN_NAME ;;
+  gcsfuse) WORKDIR=/gcs/$BUCKET_PATH/$RUN_NAME ;;
+  gs) WORKDIR=gs://$BUCKET_PATH/$RUN_NAME ;;
   *) echo "WORKDIR_MODE must be gcsfuse or gs, got $WORKDIR_MODE" >&2; exit 2 ;;
 esac
 LOG=\~/$REMOTE_DIR-train.log  # on each worker
@@ -140,8 +144,11 @@ train() {
   # from the TPU VM metadata); the trainer's "auto" looks only at environment variables.
   local train="$VENV/bin/python experiments/train.py --config=$CONFIG --workdir=$WORKDIR"
   train+=" --config.distributed.initialize=always${TRAIN_FLAGS:+ $TRAIN_FLAGS}"
-  on_workers "cd ~/$REMOTE_DIR && $(mount_cmd) && { nohup $train > $LOG 2>&1 < /dev/null &"\
-" echo \$! > $PIDFILE; }"
+  # One trainer per worker: a gs:// workdir has no lock (no atomic create on object stores).
+  local running="test -f $PIDFILE && kill -0 \$(cat $PIDFILE) 2>/dev/null && { echo"
+  running+=" \"a trainer is running (pid \$(cat $PIDFILE)); tpu_pod.sh stop first\" >&2; exit 1; }"
+  on_workers "! { $running; } && cd ~/$REMOTE_DIR && $(mount_cmd) && { nohup $train > $LOG 2>&1"\
+" < /dev/null & echo \$! > $PIDFILE; }"
 }
 
 stop() {  # SIGTERM: the trainer saves the step it reached and exits (code 75); wait for it
@@ -175,6 +182,7 @@ logs() {
 }
 
 case $CMD in
-  create|copy|install|train|stop|resume|delete|logs) "$CMD" ;;
+  train|resume) need_bucket; "$CMD" ;;  # before anything is deleted or created
+  create|copy|install|stop|delete|logs) "$CMD" ;;
   *) echo "unknown subcommand $CMD" >&2; usage 2 ;;
 esac

@@ -160,6 +160,9 @@ def test_bad_per_layer_tables_fail_in_one_line_before_compiling():
       set_expert_placement(model, placement, on)
   with pytest.raises(ValueError, match="the MoE stack has 3"):
     M.set_layer_placement(model.moe_layers.ffn, good.rows(0, 1))
+  local = abstract_model(CFG)  # built for one device: local dispatch would ignore the tables
+  with pytest.raises(ValueError, match="runs local dispatch.*resolve_execution"):
+    set_expert_placement(local, good, mesh)
 
   # installed without a mesh, the layer checks when it traces: no compile
   wide = make_mesh({"expert": 8})

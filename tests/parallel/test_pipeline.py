@@ -157,9 +157,10 @@ def test_pipelined_loss_equals_plain_loss(mesh, n_layers, runs):
   model = create_model(cfg, 0, execution=resolve_execution(cfg, mesh))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   rng = np.random.default_rng(0)
-  tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (8, 17)).astype(np.int32))
+  # 16 rows: each of the 2 x stages pipeline micro-batches still splits over the batch axes
+  tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (16, 17)).astype(np.int32))
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-           "mask": jnp.asarray(rng.random((8, 16)) > 0.1, jnp.float32)}
+           "mask": jnp.asarray(rng.random((16, 16)) > 0.1, jnp.float32)}
   stages = mesh.shape["stage"]
 
   def value_and_grad(loss):
@@ -204,7 +205,7 @@ def _config(**fields):
 
 
 @pytest.mark.parametrize("fields,message", [
-    (dict(mesh__fsdp=-1, mesh__data=1), "config.mesh.fsdp: must be 1 with pipeline stages"),
+    (dict(mesh__fsdp=-1, mesh__data=1), "config.mesh.fsdp: is 2; it must be 1 with pipeline"),
     (dict(pipeline__schedule="zb"), "config.pipeline.schedule: must be one of"),
     (dict(mesh__stage=4, mesh__expert=1, pipeline__schedule="gpipe"),
      "config.mesh.stage: 4 stages do not divide the 2 MoE layers"),

@@ -21,14 +21,16 @@ Each tick a rank runs one forward (F) slot and one backward (B) slot. There is n
 on the rank: a collective that the partitioner places inside a branch (resharding over the
 data or expert axes) would wait forever for the ranks that took the other branch. So an idle
 slot computes on stale buffers and its results are masked out (bubble ticks cost a full tick,
-as they do in wall time anyway), and every B slot evaluates ``first_fn`` and ``last_fn`` and
-keeps them only where the micro-batch enters / leaves. F computes the stage output and sends it on. B *recomputes* the
-stage from its stashed input (stage-level activation recomputation: a rank holds one input
-[mb, T, D] per micro-batch in flight, the timetable's stash slots, never the stage's internal
-activations) and pulls the received output gradient back through it with ``jax.vjp``: the
-parameter gradient is accumulated, the input gradient sent to the previous rank. Where a
-micro-batch enters, B also differentiates ``first_fn``; where it leaves, ``last_fn`` (its loss
-gets cotangent 1), so the returned gradients are those of
+as they do in wall time anyway): every F slot evaluates ``first_fn``, every B slot ``first_fn``
+and ``last_fn``, each kept only where the micro-batch enters / leaves. That is the price of no
+branches: per tick and rank, one embedding + dense-layer pass more than needed in F, and the
+head, MTP and loss forward and backward in B (about one layer plus the head for V3). F computes the stage output and sends it
+on. B *recomputes* the stage from its stashed input (stage-level activation recomputation: a
+rank holds one input [mb, T, D] per micro-batch in flight, the timetable's stash slots, never
+the stage's internal activations) and pulls the received output gradient back through it with
+``jax.vjp``: the parameter gradient is accumulated, the input gradient sent to the previous
+rank. Where a micro-batch enters, B also differentiates ``first_fn``; where it leaves,
+``last_fn`` (its loss gets cotangent 1), so the returned gradients are those of
 sum over micro-batches of (last_fn's loss + every stage's aux).
 """
 

@@ -9,7 +9,9 @@ DualPipe does). ``timetable`` turns the orders into ticks: every rank runs its n
 at the first tick where its inputs have arrived, i.e. the previous rank's F (or the next rank's
 B) finished at an earlier tick (point-to-point sends take one tick), and after its own F (an
 earlier tick, or the same ``FB`` tick where the micro-batch leaves the pipeline). A tick does at
-most one F and one B per rank; idle slots cost nothing (the runtime skips them). Three schedules:
+most one F and one B per rank. The runtime (``runtime.run_pipeline``) computes both slots on
+every rank every tick and masks idle ones, so a step costs ``n_ticks`` x (F + B) in time;
+``busy()`` is the share of F/B slots that hold a micro-batch. Three schedules:
 
 * ``gpipe``  (Huang et al. 2019): all M forwards, then all M backwards. Activations of all M
   micro-batches are held at once.
