@@ -163,7 +163,6 @@ def run_pipeline(schedule: Schedule, first_fn: Callable, stage_fn: Callable, las
   chunk0 = _index(chunks, 0)
   y_shape, _, stats_shape = jax.eval_shape(stage_fn, chunk0, x_shape, data0, jnp.int32(0))
   _, metrics_shape = jax.eval_shape(last_fn, outer, y_shape, data0)
-  blank_x = jnp.zeros(x_shape.shape, x_shape.dtype)
 
   def backward(chunk, x_stash, data, stage, first, last, on, g_y):
     def full(chunk, outer, x_stash):

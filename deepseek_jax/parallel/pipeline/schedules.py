@@ -263,7 +263,7 @@ def analyse(schedule: Schedule, f: float = 1.0, b: float = 2.0, w: float = 1.0) 
   """The schedule's bubble and activation memory per rank, from the formulas of REFERENCE §6
   / DeepSeek-V3 Table 2 (1F1B (PP - 1)(F + B); DualPipe (PP/2 - 1)(F&B + B - 3W), with F&B the
   overlapped pair's time, taken as F + B) and from its timetable."""
-  pp, m = schedule.n_stages, schedule.n_micro
+  pp = schedule.n_stages
   table = timetable(schedule)
   if schedule.name == "dualpipe":
     formula, bubble = "(PP/2-1)(F&B+B-3W)", (pp / 2 - 1) * ((f + b) + b - 3 * w)
