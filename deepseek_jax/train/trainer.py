@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from deepseek_jax import analytics
-from deepseek_jax.cli import RunError, check_cpu_devices, set_cpu_devices
+from deepseek_jax.cli import RunError, check_cpu_devices, is_remote, set_cpu_devices
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.inference.generate import SamplingConfig, generate
 from deepseek_jax.model.execution import Execution, resolve_execution, set_execution
@@ -662,6 +662,12 @@ def _mean_or_none(x: np.ndarray) -> Optional[float]:
 def _check_output_file(path: str, overwrite: bool) -> None:
   """Before any work: ``path`` can be written (a new file, or an existing one with
   ``overwrite``). Raises FileExistsError, IsADirectoryError or PermissionError naming it."""
+  if is_remote(path):  # gs://: epath; an object store has no folder permissions to check
+    if epath.Path(path).is_dir():
+      raise IsADirectoryError(f"--output={path} is a folder; give a file path")
+    if epath.Path(path).exists() and not overwrite:
+      raise FileExistsError(f"{path} exists; give another --output or delete it")
+    return
   if os.path.isdir(path):
     raise IsADirectoryError(f"--output={path} is a folder; give a file path, e.g. "
                             f"{os.path.join(path, 'position_loss.json')}")
@@ -679,6 +685,10 @@ def _write_json(path: str, value) -> None:
   """Write atomically: a temporary file in the same folder, renamed over ``path``; removed if
   anything fails, so a reader never sees half a file and nothing is left behind."""
   import tempfile
+  if is_remote(path):  # an object is written whole: already atomic
+    epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    epath.Path(path).write_text(json.dumps(value))
+    return
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")

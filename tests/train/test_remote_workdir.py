@@ -87,3 +87,15 @@ def test_checkpointer_and_inference_paths_stay_remote(bucket):
   with pytest.raises(FileNotFoundError, match="no checkpoints in gs://b/other"):
     _inference_weights(None, "gs://b/other", None)
 
+
+
+def test_evaluation_output_files_on_the_bucket(bucket):
+  from deepseek_jax.train.trainer import _check_output_file, _write_json
+  _check_output_file("gs://b/eval/positions.json", overwrite=False)
+  _write_json("gs://b/eval/positions.json", {"loss": 1.5})
+  assert json.loads((bucket / "b" / "eval" / "positions.json").read_text()) == {"loss": 1.5}
+  with pytest.raises(FileExistsError, match="gs://b/eval/positions.json exists"):
+    _check_output_file("gs://b/eval/positions.json", overwrite=False)
+  _check_output_file("gs://b/eval/positions.json", overwrite=True)
+  with pytest.raises(IsADirectoryError, match="is a folder"):
+    _check_output_file("gs://b/eval", overwrite=True)
